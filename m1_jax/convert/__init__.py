@@ -1,0 +1,1 @@
+"""Checkpoint formats: reading Hugging Face safetensors and mapping their keys onto the model."""

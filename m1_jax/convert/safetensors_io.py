@@ -1,0 +1,138 @@
+"""Lazy reading of safetensors checkpoints, one tensor at a time.
+
+Only the JSON header of each shard is parsed up front; a tensor's bytes are read when asked for,
+so peak memory is one tensor. bfloat16 (which numpy cannot name) is viewed as ``ml_dtypes.bfloat16``.
+A checkpoint directory holds ``model.safetensors``, or shards listed by
+``model.safetensors.index.json``, or (without an index) every ``*.safetensors`` file in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: str) -> dict[str, TensorInfo]:
+    """Parses one shard's header, checking that every tensor lies inside the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file {size})")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: shard file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    out = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        if meta["dtype"] not in DTYPES:
+            raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {meta['dtype']}")
+        dtype = DTYPES[meta["dtype"]]
+        shape = tuple(meta["shape"])
+        begin, end = meta["data_offsets"]
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor '{key}' byte range does not match its shape {shape}")
+        start = 8 + n + begin
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor '{key}' ends at byte {8 + n + end} "
+                                  f"but the file has {size}")
+        out[key] = TensorInfo(path, dtype, shape, start, end - begin)
+    return out
+
+
+class SafetensorsCheckpoint:
+    """All tensors of a checkpoint directory, read lazily through the index."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        self.path = path
+        self.tensors: dict[str, TensorInfo] = {}
+        index = os.path.join(path, INDEX_NAME)
+        if os.path.isfile(index):
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            shards = sorted(set(weight_map.values()))
+            headers = {}
+            for shard in shards:
+                headers[shard] = read_header(os.path.join(path, shard))
+            for key, shard in weight_map.items():
+                if key not in headers[shard]:
+                    raise CheckpointError(f"{index}: names tensor '{key}' in {shard}, which does not hold it")
+                self.tensors[key] = headers[shard][key]
+        else:
+            single = os.path.join(path, SINGLE_NAME)
+            files = [single] if os.path.isfile(single) else sorted(
+                os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"{path}: no {SINGLE_NAME}, {INDEX_NAME} or *.safetensors files")
+            for file in files:
+                for key, info in read_header(file).items():
+                    if key in self.tensors:
+                        raise CheckpointError(f"{file}: tensor '{key}' also appears in {self.tensors[key].file}")
+                    self.tensors[key] = info
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def info(self, key: str) -> TensorInfo:
+        return self.tensors[key]
+
+    def read(self, key: str) -> np.ndarray:
+        """One tensor as stored (dtype and shape), read with a single positioned read."""
+        t = self.tensors[key]
+        with open(t.file, "rb") as f:
+            f.seek(t.start)
+            buf = f.read(t.nbytes)
+        if len(buf) != t.nbytes:
+            raise CheckpointError(f"{t.file}: truncated while reading '{key}'")
+        return np.frombuffer(buf, dtype=t.dtype).reshape(t.shape)

@@ -1,0 +1,69 @@
+"""Softmax attention layer (every 8th layer of M1): GQA with partial rotary embedding.
+
+Query head ``h`` reads KV head ``h // (heads / kv_heads)``; scores ``q k^T / sqrt(head_dim)`` with a
+float32 softmax under a causal (and same-segment) mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m1_jax.config import M1Config
+from m1_jax.layers.common import matmul, param
+from m1_jax.layers.rope import apply_rope
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None = None,
+                   k_seg: jax.Array | None = None) -> jax.Array:
+    """[batch, q_time, k_time] bool: key at or before the query, in the same segment."""
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]
+    if q_seg is not None:
+        mask &= q_seg[:, :, None] == k_seg[:, None, :]
+    return mask
+
+
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B, Tq, H, d], k/v [B, Tk, KV, d], mask [B, Tq, Tk] -> [B, Tq, H, d]; fp32 softmax."""
+    B, Tq, H, d = q.shape
+    KV = k.shape[2]
+    qg = q.reshape(B, Tq, KV, H // KV, d)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(B, Tq, H, d).astype(q.dtype)
+
+
+class SoftmaxAttention(nnx.Module):
+    def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        D, H, KV, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        std = cfg.initializer_range
+        self.cfg = cfg
+        self.dtype = dtype
+        self.q_proj = param(rngs, (D, H, d), ("embed", "heads", "head_dim"), dtype=param_dtype, std=std)
+        self.k_proj = param(rngs, (D, KV, d), ("embed", "kv_heads", "head_dim"), dtype=param_dtype, std=std)
+        self.v_proj = param(rngs, (D, KV, d), ("embed", "kv_heads", "head_dim"), dtype=param_dtype, std=std)
+        self.o_proj = param(rngs, (H, d, D), ("heads", "head_dim", "embed"), dtype=param_dtype, std=std)
+
+    def project_qkv(self, h: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k (both rotated) and v for ``h`` [batch, time, hidden] at ``positions`` [batch, time]."""
+        cfg = self.cfg
+        q = matmul(h, self.q_proj.value, dtype=self.dtype)
+        k = matmul(h, self.k_proj.value, dtype=self.dtype)
+        v = matmul(h, self.v_proj.value, dtype=self.dtype)
+        q = apply_rope(q, positions, cfg.rotary_dim, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
+        return q, k, v
+
+    def __call__(self, h: jax.Array, positions: jax.Array, *,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        q, k, v = self.project_qkv(h, positions)
+        # Causality is by index (positions may restart inside a packed row); documents by segment id.
+        idx = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
+        mask = attention_mask(idx, idx, segment_ids, segment_ids)
+        o = gqa_attention(q, k, v, mask)
+        return matmul(o, self.o_proj.value, contract=2, dtype=self.dtype)

@@ -1,0 +1,72 @@
+"""The DeepNorm post-norm decoder layer and the repeating period of layers that the model scans.
+
+Per layer (M1_SPEC §2.2), with the *normalised* input as the residual:
+``h = RMSNorm(x); a = alpha_attn h + beta_attn Attn(h); g = RMSNorm(a); out = alpha_mlp g + beta_mlp MoE(g)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m1_jax.config import FULL, LINEAR, M1Config
+from m1_jax.layers.attention import SoftmaxAttention
+from m1_jax.layers.lightning import LightningAttention
+from m1_jax.layers.moe import MoE
+from m1_jax.layers.norms import RMSNorm
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: M1Config, layer_type: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, moe_impl: str = "ragged", lightning_impl: str = "auto"):
+        D = cfg.hidden_size
+        self.layer_type = layer_type
+        self.dtype = dtype
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm((D,), ("embed",), **norm)
+        if layer_type == LINEAR:
+            self.self_attn = LightningAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                                impl=lightning_impl)
+            self.alpha, self.beta = cfg.linear_attn_alpha, cfg.linear_attn_beta
+        elif layer_type == FULL:
+            self.self_attn = SoftmaxAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            self.alpha, self.beta = cfg.full_attn_alpha, cfg.full_attn_beta
+        else:
+            raise ValueError(f"unknown layer type {layer_type!r}")
+        self.post_attention_layernorm = RMSNorm((D,), ("embed",), **norm)
+        self.block_sparse_moe = MoE(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=moe_impl)
+        self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array, slopes: jax.Array,
+                 segment_ids: jax.Array | None = None, moe_impl: str | None = None):
+        """-> (output, aux loss). ``slopes`` is only read by lightning layers."""
+        h = self.input_layernorm(x.astype(self.dtype))
+        if self.layer_type == LINEAR:
+            attn, _ = self.self_attn(h, slopes, segment_ids=segment_ids)
+        else:
+            attn = self.self_attn(h, positions, segment_ids=segment_ids)
+        a = self.alpha * h + self.beta * attn
+        g = self.post_attention_layernorm(a)
+        moe, _, aux = self.block_sparse_moe(g, impl=moe_impl)
+        return self.mlp_alpha * g + self.mlp_beta * moe, aux
+
+
+class Period(nnx.Module):
+    """One repetition of the layer pattern (8 layers for M1: 7 lightning + 1 softmax)."""
+
+    def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, **kw):
+        self.layers = nnx.List([DecoderLayer(cfg, cfg.layer_types[j], rngs=rngs, **kw)
+                                for j in range(cfg.period)])
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array, slopes: jax.Array,
+                 segment_ids: jax.Array | None = None, moe_impl: str | None = None, collect: bool = False):
+        """``slopes`` [period, heads] (rows of softmax layers unused) -> (x, per-layer outputs, aux).
+
+        Per-layer outputs are stacked only with ``collect`` (debugging; otherwise ``None``)."""
+        outs, aux = [], []
+        for j, layer in enumerate(self.layers):
+            x, a = layer(x, positions=positions, slopes=slopes[j], segment_ids=segment_ids, moe_impl=moe_impl)
+            outs.append(x)
+            aux.append(a)
+        return x, (jnp.stack(outs) if collect else None), jnp.stack(aux)

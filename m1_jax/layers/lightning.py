@@ -1,0 +1,46 @@
+"""Lightning attention layer (70 of M1's 80 layers): linear attention with a fixed per-head decay.
+
+Data path (M1_SPEC §2.3): ``u = SiLU(h @ W_qkv)`` reshaped head-major to q | k | v per head, the
+lightning op (``S_t = e^-s S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``, fp32 state), an RMSNorm over all
+heads jointly (eps 1e-6), a sigmoid gate from the same ``h``, and the output projection.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m1_jax.config import M1Config
+from m1_jax.layers.common import matmul, param
+from m1_jax.layers.norms import RMSNorm
+from pallas_kernels.lightning import lightning_attention
+
+
+class LightningAttention(nnx.Module):
+    def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 impl: str = "auto"):
+        D, H, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        std = cfg.initializer_range
+        self.cfg = cfg
+        self.dtype = dtype
+        self.impl = impl
+        # qkv_proj rows are head-major interleaved: head h owns [q_h | k_h | v_h] (3 * head_dim).
+        self.qkv_proj = param(rngs, (D, H, 3 * d), ("embed", "heads", None), dtype=param_dtype, std=std)
+        self.output_gate = param(rngs, (D, H, d), ("embed", "heads", "head_dim"), dtype=param_dtype, std=std)
+        self.norm = RMSNorm((H, d), ("heads", "head_dim"), eps=cfg.lightning_norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.out_proj = param(rngs, (H, d, D), ("heads", "head_dim", "embed"), dtype=param_dtype, std=std)
+
+    def __call__(self, h: jax.Array, slopes: jax.Array, *, segment_ids: jax.Array | None = None,
+                 state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``h`` [batch, time, hidden] -> (output [batch, time, hidden], final fp32 state)."""
+        d = self.cfg.head_dim
+        qkv = jax.nn.silu(matmul(h, self.qkv_proj.value, dtype=self.dtype))  # [B, T, H, 3d]
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        o, final_state = lightning_attention(q, k, v, slopes, initial_state=state, segment_ids=segment_ids,
+                                             block_size=self.cfg.block_size, impl=self.impl)
+        o = self.norm(o.astype(self.dtype))
+        gate = jax.nn.sigmoid(matmul(h, self.output_gate.value, dtype=self.dtype))
+        y = matmul(gate * o, self.out_proj.value, contract=2, dtype=self.dtype)
+        return y, final_state

@@ -1,0 +1,99 @@
+"""Top-k mixture of SwiGLU experts (dropless), with a float32 router and a load-balancing loss.
+
+Router: ``p = softmax_fp32(g @ W_r)``; the top-k probabilities are renormalised to sum to one and
+cast to the activation dtype (as the original code does). Expert ``e``:
+``W2_e(SiLU(W1_e g) * W3_e g)``. Two exact paths:
+
+* ``"dense"``: every expert on every token, weighted by the (mostly zero) combine weights; the
+  reference, cost ``num_experts / top_k`` times the useful work;
+* ``"ragged"``: (token, expert) pairs sorted by expert and run as grouped matmuls
+  (``jax.lax.ragged_dot``), then scattered back: the production path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m1_jax.config import M1Config
+from m1_jax.layers.common import param
+
+MOE_IMPLS = ("ragged", "dense")
+
+
+def route(x: jax.Array, router: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [..., D] -> (router logits fp32 [..., E], top-k weights fp32 [..., k], expert ids [..., k])."""
+    logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return logits, weights, experts
+
+
+def load_balancing_loss(logits: jax.Array, experts: jax.Array, num_experts: int) -> jax.Array:
+    """Switch/Mixtral auxiliary loss ``E * sum_e f_e P_e`` over all tokens of the layer.
+
+    ``f_e``: routed (token, slot) pairs of expert e per token; ``P_e``: mean router probability.
+    Its minimum, ``top_k``, is reached by uniform routing.
+    """
+    probs = jax.nn.softmax(logits.reshape(-1, num_experts), axis=-1)
+    counts = jnp.sum(jax.nn.one_hot(experts.reshape(-1), num_experts, dtype=jnp.float32), axis=0)
+    f = counts / probs.shape[0]
+    return num_experts * jnp.sum(f * jnp.mean(probs, axis=0))
+
+
+def experts_dense(x, weights, experts, w1, w3, w2, dtype):
+    """All experts on all tokens; x [N, D], weights/experts [N, k] -> [N, D]."""
+    E = w1.shape[0]
+    combine = jnp.sum(jax.nn.one_hot(experts, E, dtype=dtype) * weights[..., None].astype(dtype), axis=-2)
+    x = x.astype(dtype)
+    h = jax.nn.silu(jnp.einsum("nd,edi->eni", x, w1.astype(dtype))) * jnp.einsum("nd,edi->eni", x, w3.astype(dtype))
+    y = jnp.einsum("eni,eid->end", h, w2.astype(dtype))
+    return jnp.einsum("end,ne->nd", y, combine)
+
+
+def experts_ragged(x, weights, experts, w1, w3, w2, dtype):
+    """Token-sorted grouped matmuls; x [N, D], weights/experts [N, k] -> [N, D]."""
+    N, k = experts.shape
+    E = w1.shape[0]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    xs = x.astype(dtype)[token]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w1.astype(dtype), group_sizes)) * jax.lax.ragged_dot(
+        xs, w3.astype(dtype), group_sizes)
+    y = jax.lax.ragged_dot(h, w2.astype(dtype), group_sizes)
+    y = y * weights.reshape(-1)[order][:, None].astype(dtype)
+    return jnp.zeros((N, x.shape[-1]), dtype).at[token].add(y)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 impl: str = "ragged"):
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"moe impl must be one of {MOE_IMPLS}, got {impl!r}")
+        D, E, I = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
+        std = cfg.initializer_range
+        self.cfg = cfg
+        self.dtype = dtype
+        self.impl = impl
+        # The router stays float32 whatever the parameter dtype (the release stores it so).
+        self.gate = param(rngs, (D, E), ("embed", None), dtype=jnp.float32, std=std)
+        self.w1 = param(rngs, (E, D, I), ("experts", "embed", "mlp"), dtype=param_dtype, std=std)
+        self.w3 = param(rngs, (E, D, I), ("experts", "embed", "mlp"), dtype=param_dtype, std=std)
+        self.w2 = param(rngs, (E, I, D), ("experts", "mlp", "embed"), dtype=param_dtype, std=std)
+
+    def __call__(self, x: jax.Array, *, impl: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [batch, time, hidden] -> (output, router logits fp32 [batch, time, E], aux loss scalar)."""
+        impl = impl or self.impl
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"moe impl must be one of {MOE_IMPLS}, got {impl!r}")
+        B, T, D = x.shape
+        logits, weights, experts = route(x, self.gate.value, self.cfg.num_experts_per_tok)
+        fn = experts_dense if impl == "dense" else experts_ragged
+        y = fn(x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1),
+               self.w1.value, self.w3.value, self.w2.value, self.dtype)
+        aux = load_balancing_loss(logits, experts, self.cfg.num_local_experts)
+        return y.reshape(B, T, D), logits, aux

@@ -1,0 +1,98 @@
+"""``from_pretrained``: a Hugging Face checkpoint directory -> a ready :class:`M1Model`.
+
+Tensors are read one at a time through the key table (:mod:`m1_jax.convert.keys`) into their slots of
+the stacked parameters; every slot must be filled exactly once. Weights keep their stored dtype
+(bf16 stays bf16; router gates are float32) unless ``param_dtype`` says otherwise; ``dtype`` is the
+compute dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from m1_jax.config import M1Config
+from m1_jax.convert import keys as key_table
+from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from m1_jax.model import M1Model, abstract_model
+
+log = logging.getLogger(__name__)
+
+
+def _stored_param_dtype(ckpt: SafetensorsCheckpoint, cfg: M1Config):
+    for key in ckpt.keys():
+        placements = key_table.plan(cfg, key)
+        if placements and placements[0].path == ("embed_tokens",):
+            return jnp.dtype(ckpt.info(key).dtype)
+    return jnp.float32
+
+
+def load_state(cfg: M1Config, ckpt: SafetensorsCheckpoint, abstract: M1Model, *, progress: bool = False):
+    """Fills the abstract model's parameters from ``ckpt``; returns {flat path: np.ndarray}.
+
+    Every slot (period[, expert]) of every parameter must be filled exactly once.
+    """
+    flat = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    canonical = list(key_table.canonical_keys(cfg))
+    stack_dims = {}
+    for _, pl in canonical:
+        stack_dims[pl.path] = max(stack_dims.get(pl.path, 0), len(pl.slot))
+    buffers: dict[tuple, np.ndarray] = {}
+    covered = {p: np.zeros(flat[p].value.shape[:n], bool) for p, n in stack_dims.items()}
+    for key in tqdm(ckpt.keys(), desc="loading", unit="tensor", disable=not progress):
+        try:
+            placements = key_table.plan(cfg, key)
+        except key_table.UnknownKeyError as e:
+            raise CheckpointError(f"{ckpt.path}: unknown key {e}") from None
+        if placements is None:
+            continue
+        tensor = ckpt.read(key)
+        for pl in placements:
+            target = flat[pl.path].value
+            try:
+                value = pl.apply(tensor, target.shape[len(pl.slot):])
+            except key_table.ShapeMismatchError as e:
+                raise CheckpointError(f"{ckpt.info(key).file}: {e}") from None
+            if covered[pl.path][pl.slot].any():
+                raise CheckpointError(f"{ckpt.path}: '{key}' fills a slot of {'.'.join(map(str, pl.path))} "
+                                      "that another key already filled")
+            covered[pl.path][pl.slot] = True
+            if pl.path not in buffers:
+                buffers[pl.path] = np.empty(target.shape, target.dtype)
+            buffers[pl.path][pl.slot] = value.astype(target.dtype)
+    missing = [k for k, pl in canonical if not covered[pl.path][pl.slot].all()]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{ckpt.path}: missing weights: {', '.join(missing[:5])}{more}")
+    return buffers
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, progress: bool = False,
+                    **model_kw) -> M1Model:
+    """Loads a MiniMax-M1 checkpoint directory (config.json + safetensors, single file or sharded,
+    original or transformers-5 key names) into an :class:`M1Model`.
+
+    ``dtype``: compute dtype (float32 logits either way). ``param_dtype``: storage dtype, default as
+    stored in the checkpoint. Other keyword arguments go to :class:`M1Model` (``moe_impl``, ...).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    cfg = M1Config.from_json(os.path.join(path, "config.json"))
+    ckpt = SafetensorsCheckpoint(path)
+    if param_dtype is None:
+        param_dtype = _stored_param_dtype(ckpt, cfg)
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **model_kw)
+    buffers = load_state(cfg, ckpt, abstract, progress=progress)
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    for p, var in flat:
+        if p in buffers:
+            var.value = jnp.asarray(buffers.pop(p))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,0 +1,130 @@
+"""MiniMax-M1 as a Flax NNX module: token ids -> float32 logits.
+
+Embedding (no scaling) -> ``num_periods`` repetitions of the layer period (scanned, parameters
+stacked on a leading ``layers`` axis) -> final RMSNorm -> untied output head in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m1_jax.config import LINEAR, M1Config
+from m1_jax.layers.common import param
+from m1_jax.layers.decoder import Period
+from m1_jax.layers.norms import RMSNorm
+from pallas_kernels.lightning import m1_slopes
+
+
+@functools.lru_cache(maxsize=32)
+def period_slopes(cfg: M1Config) -> np.ndarray:
+    """float32 [num_periods, period, heads]: decay slopes by *global* layer index (zeros for softmax layers)."""
+    P, H, L = cfg.period, cfg.num_attention_heads, cfg.num_hidden_layers
+    out = np.zeros((cfg.num_periods, P, H), np.float32)
+    for layer in range(L):
+        if cfg.layer_types[layer] == LINEAR:
+            out[layer // P, layer % P] = m1_slopes(H, layer, L)
+    return out
+
+
+class M1Model(nnx.Module):
+    """MiniMax-M1 / Text-01 causal language model.
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (router gates stay float32).
+    ``moe_impl``: ``"ragged"`` (grouped matmuls) or ``"dense"`` (reference). ``lightning_impl`` is
+    passed to :func:`pallas_kernels.lightning.lightning_attention`. ``scan_layers=False`` runs the
+    stacked periods one by one in Python (same numbers, slower compile).
+    """
+
+    def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 moe_impl: str = "ragged", lightning_impl: str = "auto", scan_layers: bool = True):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        D, V = cfg.hidden_size, cfg.vocab_size
+        self.embed_tokens = param(rngs, (V, D), ("vocab", "embed"), dtype=param_dtype, std=cfg.initializer_range)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl, lightning_impl=lightning_impl)
+
+        @nnx.split_rngs(splits=cfg.num_periods)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_periods(r):
+            return Period(cfg, rngs=r, **kw)
+
+        self.periods = make_periods(rngs)
+        self.norm = RMSNorm((D,), ("embed",), eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = param(rngs, (D, V), ("embed", "vocab"), dtype=param_dtype, std=cfg.initializer_range)
+
+    # ------------------------------------------------------------------ pieces
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(self.dtype)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        z = self.norm(x)
+        return jnp.dot(z, self.lm_head.value.astype(self.dtype), preferred_element_type=jnp.float32)
+
+    def run_layers(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
+                   moe_impl: str | None = None, scan: bool | None = None, collect: bool = False):
+        """All decoder layers -> (x, per-layer outputs [layers, ...] or None, aux loss per layer [layers])."""
+        cfg = self.cfg
+        slopes = jnp.asarray(period_slopes(cfg))
+        graphdef, state = nnx.split(self.periods)
+
+        def body(x, xs):
+            st, sl = xs
+            period = nnx.merge(graphdef, st)
+            x, outs, aux = period(x, positions=positions, slopes=sl, segment_ids=segment_ids,
+                                  moe_impl=moe_impl, collect=collect)
+            return x, (outs, aux)
+
+        if self.scan_layers if scan is None else scan:
+            x, (outs, aux) = jax.lax.scan(body, x, (state, slopes))
+        else:
+            ys = []
+            for i in range(cfg.num_periods):
+                x, y = body(x, (jax.tree.map(lambda a: a[i], state), slopes[i]))
+                ys.append(y)
+            outs, aux = jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        flat = lambda a: a.reshape((cfg.num_hidden_layers,) + a.shape[2:])
+        return x, (flat(outs) if collect else None), flat(aux)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, return_aux: bool = False,
+                 moe_impl: str | None = None, scan: bool | None = None, collect: bool = False):
+        """``input_ids`` int [batch, time] -> float32 logits [batch, time, vocab].
+
+        ``positions`` (default ``arange(time)``) feed the rotary embedding; ``segment_ids`` mark packed
+        documents (0 = padding): lightning states reset and softmax attention stays within a document.
+        With ``return_aux`` returns ``(logits, {"aux_loss": mean over layers, "aux_loss_per_layer",
+        "layer_outputs" (with ``collect``)})``.
+        """
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be an integer array [batch, time], got {input_ids.dtype}"
+                             f"{list(input_ids.shape)}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        x = self.embed(input_ids)
+        x, outs, aux = self.run_layers(x, positions=positions, segment_ids=segment_ids, moe_impl=moe_impl,
+                                       scan=scan, collect=collect)
+        logits = self.logits(x)
+        if not return_aux:
+            return logits
+        extras = {"aux_loss": jnp.mean(aux), "aux_loss_per_layer": aux}
+        if collect:
+            extras["layer_outputs"] = outs
+        return logits, extras
+
+
+def init_model(cfg: M1Config, *, seed: int = 0, **kw) -> M1Model:
+    """A randomly initialised model (weights N(0, initializer_range), norms 1)."""
+    return M1Model(cfg, rngs=nnx.Rngs(seed), **kw)
+
+
+def abstract_model(cfg: M1Config, **kw) -> M1Model:
+    """The model with ``jax.ShapeDtypeStruct`` leaves: shapes and shardings, no weights allocated."""
+    return nnx.eval_shape(lambda: M1Model(cfg, rngs=nnx.Rngs(0), **kw))
