@@ -44,7 +44,7 @@ def load_state(cfg: M1Config, ckpt: SafetensorsCheckpoint, abstract: M1Model, *,
     for _, pl in canonical:
         stack_dims[pl.path] = max(stack_dims.get(pl.path, 0), len(pl.slot))
     buffers: dict[tuple, np.ndarray] = {}
-    covered = {p: np.zeros(flat[p].value.shape[:n], bool) for p, n in stack_dims.items()}
+    covered = {p: np.zeros(flat[p].get_value().shape[:n], bool) for p, n in stack_dims.items()}
     for key in tqdm(ckpt.keys(), desc="loading", unit="tensor", disable=not progress):
         try:
             placements = key_table.plan(cfg, key)
@@ -54,7 +54,7 @@ def load_state(cfg: M1Config, ckpt: SafetensorsCheckpoint, abstract: M1Model, *,
             continue
         tensor = ckpt.read(key)
         for pl in placements:
-            target = flat[pl.path].value
+            target = flat[pl.path].get_value()
             try:
                 value = pl.apply(tensor, target.shape[len(pl.slot):])
             except key_table.ShapeMismatchError as e:
@@ -94,5 +94,5 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     flat = nnx.to_flat_state(state)
     for p, var in flat:
         if p in buffers:
-            var.value = jnp.asarray(buffers.pop(p))
+            var.set_value(jnp.asarray(buffers.pop(p)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -60,11 +60,11 @@ class M1Model(nnx.Module):
 
     # ------------------------------------------------------------------ pieces
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(self.dtype)
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
     def logits(self, x: jax.Array) -> jax.Array:
         z = self.norm(x)
-        return jnp.dot(z, self.lm_head.value.astype(self.dtype), preferred_element_type=jnp.float32)
+        return jnp.dot(z, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
     def run_layers(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                    moe_impl: str | None = None, scan: bool | None = None, collect: bool = False):

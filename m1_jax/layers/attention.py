@@ -52,9 +52,9 @@ class SoftmaxAttention(nnx.Module):
     def project_qkv(self, h: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q, k (both rotated) and v for ``h`` [batch, time, hidden] at ``positions`` [batch, time]."""
         cfg = self.cfg
-        q = matmul(h, self.q_proj.value, dtype=self.dtype)
-        k = matmul(h, self.k_proj.value, dtype=self.dtype)
-        v = matmul(h, self.v_proj.value, dtype=self.dtype)
+        q = matmul(h, self.q_proj[...], dtype=self.dtype)
+        k = matmul(h, self.k_proj[...], dtype=self.dtype)
+        v = matmul(h, self.v_proj[...], dtype=self.dtype)
         q = apply_rope(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
         return q, k, v
@@ -66,4 +66,4 @@ class SoftmaxAttention(nnx.Module):
         idx = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
         mask = attention_mask(idx, idx, segment_ids, segment_ids)
         o = gqa_attention(q, k, v, mask)
-        return matmul(o, self.o_proj.value, contract=2, dtype=self.dtype)
+        return matmul(o, self.o_proj[...], contract=2, dtype=self.dtype)

@@ -18,7 +18,7 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
         x = jnp.full(shape, value, dtype)
     else:
         x = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(x, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(x, out_sharding=axes, eager_sharding=False)
 
 
 def matmul(x: jax.Array, w: jax.Array, contract: int = 1, dtype=None) -> jax.Array:

@@ -36,11 +36,11 @@ class LightningAttention(nnx.Module):
                  state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """``h`` [batch, time, hidden] -> (output [batch, time, hidden], final fp32 state)."""
         d = self.cfg.head_dim
-        qkv = jax.nn.silu(matmul(h, self.qkv_proj.value, dtype=self.dtype))  # [B, T, H, 3d]
+        qkv = jax.nn.silu(matmul(h, self.qkv_proj[...], dtype=self.dtype))  # [B, T, H, 3d]
         q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
         o, final_state = lightning_attention(q, k, v, slopes, initial_state=state, segment_ids=segment_ids,
                                              block_size=self.cfg.block_size, impl=self.impl)
         o = self.norm(o.astype(self.dtype))
-        gate = jax.nn.sigmoid(matmul(h, self.output_gate.value, dtype=self.dtype))
-        y = matmul(gate * o, self.out_proj.value, contract=2, dtype=self.dtype)
+        gate = jax.nn.sigmoid(matmul(h, self.output_gate[...], dtype=self.dtype))
+        y = matmul(gate * o, self.out_proj[...], contract=2, dtype=self.dtype)
         return y, final_state

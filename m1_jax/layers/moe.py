@@ -91,9 +91,9 @@ class MoE(nnx.Module):
         if impl not in MOE_IMPLS:
             raise ValueError(f"moe impl must be one of {MOE_IMPLS}, got {impl!r}")
         B, T, D = x.shape
-        logits, weights, experts = route(x, self.gate.value, self.cfg.num_experts_per_tok)
+        logits, weights, experts = route(x, self.gate[...], self.cfg.num_experts_per_tok)
         fn = experts_dense if impl == "dense" else experts_ragged
         y = fn(x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1),
-               self.w1.value, self.w3.value, self.w2.value, self.dtype)
+               self.w1[...], self.w3[...], self.w2[...], self.dtype)
         aux = load_balancing_loss(logits, experts, self.cfg.num_local_experts)
         return y.reshape(B, T, D), logits, aux

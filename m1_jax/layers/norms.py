@@ -27,6 +27,6 @@ class RMSNorm(nnx.Module):
         self.weight = param(None, shape, axes, dtype=param_dtype, value=1.0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        n = self.weight.value.ndim
+        n = self.weight[...].ndim
         y = rms_normalize(x.astype(self.dtype), self.eps, tuple(range(-n, 0)))
-        return self.weight.value.astype(self.dtype) * y
+        return self.weight[...].astype(self.dtype) * y

@@ -1,0 +1,45 @@
+"""The ``m1`` command line: one subcommand per module in :mod:`m1_jax.commands`.
+
+Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported only when their command runs, so ``m1 --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "info": ("m1_jax.commands.info", "print the architecture and parameter counts of a config"),
+    "demo": ("m1_jax.commands.demo", "build a tiny model from configs/, run a forward and a greedy continuation"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="m1", description="MiniMax-M1 in JAX: run, convert, train, plan.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:  # only the chosen command's module is imported
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    mod = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(mod.run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no trace
+        if args.verbose:
+            raise
+        print(f"m1 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

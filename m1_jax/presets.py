@@ -1,0 +1,28 @@
+"""Named model configs shipped in ``configs/`` (``minimax-m1-40k``, ``tiny``, ...)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from m1_jax.config import ConfigError, M1Config
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_names() -> list[str]:
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json") if not p.stem.startswith("train"))
+
+
+def resolve_config(name_or_path: str | os.PathLike) -> M1Config:
+    """A config.json path, a checkpoint directory holding one, or a preset name from ``configs/``."""
+    p = Path(name_or_path)
+    if p.is_dir() or p.suffix == ".json" or p.exists():
+        return M1Config.from_json(p)
+    candidate = CONFIG_DIR / f"{name_or_path}.json"
+    if candidate.is_file():
+        return M1Config.from_json(candidate)
+    raise ConfigError(f"{name_or_path}: no such config file, checkpoint directory or preset "
+                      f"(presets: {', '.join(preset_names()) or 'none'})")

@@ -1,0 +1,29 @@
+"""Test setup: 8 emulated CPU devices before JAX initialises; paths to the golden vectors."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = Path(os.environ.get("M1_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    case = GOLDEN / "caseA"
+    if not case.is_dir():
+        pytest.fail(f"golden vectors not found at {case} (set M1_GOLDEN_DIR)")
+    return case
+
+
+@pytest.fixture(scope="session")
+def configs_dir() -> Path:
+    return REPO / "configs"
