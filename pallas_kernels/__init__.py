@@ -1,0 +1,1 @@
+"""Accelerator kernels of m1-jax, each beside its pure-JAX reference."""
