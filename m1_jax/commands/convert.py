@@ -1,0 +1,34 @@
+"""``m1 convert SRC DST``: a Hugging Face / PyTorch checkpoint directory -> an Orbax checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(p):
+    p.add_argument("src", help="checkpoint directory: config.json + *.safetensors (single or sharded with an "
+                               "index; original or transformers-5 key names) or PyTorch *.bin files")
+    p.add_argument("dst", help="output directory (Orbax checkpoint + config.json + tokenizer files)")
+    p.add_argument("--dtype", choices=("bf16", "fp32", "keep"), default="keep",
+                   help="parameter dtype of the output (router gates stay float32); keep: as stored")
+    p.add_argument("--mesh", default=None,
+                   help="mesh spec like 'fsdp=-1,tensor=4': --verify restores onto this mesh")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted conversion into DST")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read every written tensor and compare checksums with the source; for small "
+                        "models also compare logits")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from m1_jax.convert.convert import convert
+
+    mesh = None
+    if args.mesh:
+        from m1_jax import sharding
+
+        mesh = sharding.make_mesh(args.mesh)
+    summary = convert(args.src, args.dst, dtype=args.dtype, resume=args.resume, verify=args.verify, mesh=mesh,
+                      progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0

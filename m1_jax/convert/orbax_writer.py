@@ -1,0 +1,126 @@
+"""Writing an Orbax PyTree checkpoint one region at a time, and reading its arrays back the same way.
+
+The checkpoint is the one ``orbax.checkpoint.StandardCheckpointer`` writes with ``use_ocdbt=False``:
+one zarr (v2) array per parameter in a directory named after its tree path, plus the ``_METADATA``
+tree record and ``_CHECKPOINT_METADATA``. Arrays are created empty (nothing allocated in memory) and
+each slot of a stacked parameter is written with a TensorStore write of just that region, so the
+host never holds a whole stacked tensor. Chunks are one slot (period[, expert]) split along the next
+axis into pieces of at most :data:`CHUNK_BYTES`, so every write covers whole chunks (no read-modify-write).
+
+:func:`open_array` reads arrays of any Orbax PyTree checkpoint (also OCDBT / zarr3 ones written by
+Orbax itself), region by region.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+CHUNK_BYTES = 64 << 20  # target size of one zarr chunk (and of one write)
+METADATA_FILE = "_METADATA"
+CHECKPOINT_METADATA_FILE = "_CHECKPOINT_METADATA"
+HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+
+
+def _key_name(k) -> tuple[str, int]:
+    """(name, orbax key type: 1 sequence, 2 dict) of one JAX key-path entry."""
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx), 1
+    if isinstance(k, jax.tree_util.FlattenedIndexKey):
+        return str(k.key), 1
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key), 2
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return k.name, 2
+    raise ValueError(f"unsupported pytree key {k!r}")
+
+
+def tree_leaves(state) -> list[tuple[tuple, str, list, object]]:
+    """``(tree path, orbax parameter name, key metadata, leaf)`` for every leaf of ``state``."""
+    out = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        names = [_key_name(k) for k in keypath]
+        key_md = [{"key": n, "key_type": t} for n, t in names]
+        out.append((tuple(n for n, _ in names), ".".join(n for n, _ in names), key_md, leaf))
+    return out
+
+
+def chunk_shape(shape: tuple[int, ...], n_slot_dims: int, itemsize: int) -> tuple[int, ...]:
+    """One slot (leading ``n_slot_dims`` axes of size 1), the next axis cut to <= CHUNK_BYTES pieces."""
+    shape = tuple(shape)
+    lead, rest = (1,) * n_slot_dims, shape[n_slot_dims:]
+    if not rest:
+        return lead
+    row = int(np.prod(rest[1:], dtype=np.int64)) * itemsize
+    rows = max(1, min(rest[0], CHUNK_BYTES // max(row, 1)))
+    return lead + (rows,) + rest[1:]
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    dtype = np.dtype(dtype)
+    return "bfloat16" if dtype.name == "bfloat16" else dtype.str
+
+
+def create_array(directory: str, name: str, shape, dtype, chunks) -> ts.TensorStore:
+    """Creates (or, when resuming, opens the existing identical) zarr array ``directory/name``."""
+    spec = {
+        "driver": "zarr",
+        "kvstore": {"driver": "file", "path": os.path.join(directory, name)},
+        "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": _zarr_dtype(dtype),
+                     "compressor": None, "fill_value": None, "order": "C", "dimension_separator": "."},
+    }
+    return ts.open(spec, create=True, open=True).result()
+
+
+def write_metadata(directory: str, leaves: list[tuple[tuple, str, list, object]]) -> None:
+    """The two records Orbax restores from; written last, after every array is complete."""
+    tree = {}
+    for path, _, key_md, leaf in leaves:
+        tree[str(path)] = {"key_metadata": key_md,
+                           "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
+                                              "write_shape": list(leaf.shape)}}
+    meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+    now = time.time_ns()
+    ckpt_meta = {"item_handlers": HANDLER, "metrics": {}, "performance_metrics": {},
+                 "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now, "custom_metadata": {}}
+    for fname, obj in ((METADATA_FILE, meta), (CHECKPOINT_METADATA_FILE, ckpt_meta)):
+        tmp = os.path.join(directory, fname + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, fname))
+
+
+def read_metadata(directory: str) -> dict:
+    path = os.path.join(directory, METADATA_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory}: not an Orbax checkpoint (no {METADATA_FILE})") from None
+
+
+def open_array(directory: str, name: str, meta: dict | None = None) -> ts.TensorStore:
+    """Opens parameter ``name`` of the Orbax checkpoint in ``directory`` for region reads."""
+    meta = read_metadata(directory) if meta is None else meta
+    driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+    if meta.get("use_ocdbt"):
+        kvstore = {"driver": "ocdbt", "base": f"file://{os.path.abspath(directory)}", "path": name}
+    else:
+        kvstore = {"driver": "file", "path": os.path.join(directory, name)}
+    return ts.open({"driver": driver, "kvstore": kvstore}, open=True).result()
+
+
+def row_pieces(shape: tuple[int, ...], chunks: tuple[int, ...], n_slot_dims: int):
+    """Ranges ``(a, b)`` along axis ``n_slot_dims`` of a slot, one per chunk (the whole slot if scalar)."""
+    if len(shape) == n_slot_dims:
+        return [(None, None)]
+    n, step = shape[n_slot_dims], chunks[n_slot_dims]
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
