@@ -76,8 +76,28 @@ def fwd_and_grads(impl, q, k, v, slopes, s0, seg, do, ds, block_size, **kw):
   return jax.jit(run)(q, k, v, s0)
 
 
+_REF_CACHE = {}
+
+
+def case(t, use_seg, use_init, dtype=jnp.float32, b=2, d=8, block_size=16):
+  """Inputs (q, k, v, slopes, s0, seg, do, ds) of a standard case and the reference
+  results (memoised so the chunked and Pallas tests share one reference run)."""
+  key = (t, use_seg, use_init, jnp.dtype(dtype).name, b, d, block_size)
+  if key not in _REF_CACHE:
+    seed = 1000 + 10 * t + 2 * use_seg + use_init + 7 * (dtype != jnp.float32)
+    h = len(SLOPES)
+    q, k, v, s0, do, ds = make_inputs(seed, b, t, h, d, dtype=dtype)
+    if not use_init:
+      s0 = jnp.zeros_like(s0)
+    seg = packed_segments(b, t, seed) if use_seg else None
+    args = (q, k, v, jnp.asarray(SLOPES), s0, seg, do, ds)
+    ref = fwd_and_grads("reference", *args, block_size)
+    _REF_CACHE[key] = (args, ref)
+  return _REF_CACHE[key]
+
+
 @pytest.fixture
 def lt():
   return types.SimpleNamespace(
-      SLOPES=SLOPES, rel_err=rel_err, make_inputs=make_inputs,
+      SLOPES=SLOPES, rel_err=rel_err, make_inputs=make_inputs, case=case,
       packed_segments=packed_segments, fwd_and_grads=fwd_and_grads)

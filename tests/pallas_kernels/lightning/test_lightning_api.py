@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from pallas_kernels.lightning import (
@@ -40,8 +39,7 @@ def test_auto_dispatch():
   assert resolve_impl("reference") == "reference"
 
 
-@pytest.mark.parametrize("impl", ["xla"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("impl,dtype", [("xla", jnp.float32), ("xla", jnp.bfloat16)])
 def test_prefill_then_decode_equals_one_call(lt, impl, dtype):
   b, t, n, h, d = 2, 23, 17, 3, 8
   q, k, v, _, _, _ = lt.make_inputs(21, b, t, h, d, dtype=dtype)

@@ -1,6 +1,5 @@
 """Chunked XLA path against the token-recurrence reference."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,26 +8,15 @@ from pallas_kernels.lightning import lightning_attention
 
 
 CASES = [  # (time, segment_ids, initial_state); block 16
-    (37, False, False), (37, True, True), (37, False, True),
-    (48, False, False), (48, True, True), (48, True, False),
+    (37, False, False), (37, True, True), (48, False, True), (48, True, False),
     (1, False, True), (1, True, True),
 ]
 
 
 @pytest.mark.parametrize("t,use_seg,use_init", CASES)
 def test_xla_matches_reference_f32(lt, t, use_seg, use_init):
-  seed = 1000 + 10 * t + 2 * use_seg + use_init
-  b, h, d = 2, len(lt.SLOPES), 8
-  q, k, v, s0, do, ds = lt.make_inputs(seed, b, t, h, d)
-  s0 = s0 if use_init else None
-  seg = lt.packed_segments(b, t, seed) if use_seg else None
-  slopes = jnp.asarray(lt.SLOPES)
-  if s0 is None:
-    f = lambda impl: lt.fwd_and_grads(impl, q, k, v, slopes, jnp.zeros((b, h, d, d)), seg,
-                                      do, ds, 16)
-  else:
-    f = lambda impl: lt.fwd_and_grads(impl, q, k, v, slopes, s0, seg, do, ds, 16)
-  ref, got = f("reference"), f("xla")
+  args, ref = lt.case(t, use_seg, use_init)
+  got = lt.fwd_and_grads("xla", *args, 16)
   for name, a, r in zip(("o", "state", "dq", "dk", "dv", "ds0"), got, ref):
     assert lt.rel_err(a, r) < 1e-5, name
 
@@ -44,12 +32,8 @@ def test_xla_no_initial_state_equals_zeros(lt):
 
 
 def test_xla_bf16(lt):
-  b, t, h, d = 2, 37, len(lt.SLOPES), 8
-  q, k, v, s0, do, ds = lt.make_inputs(7, b, t, h, d, dtype=jnp.bfloat16)
-  seg = lt.packed_segments(b, t, 7)
-  slopes = jnp.asarray(lt.SLOPES)
-  ref = lt.fwd_and_grads("reference", q, k, v, slopes, s0, seg, do, ds, 16)
-  got = lt.fwd_and_grads("xla", q, k, v, slopes, s0, seg, do, ds, 16)
+  args, ref = lt.case(37, True, True, dtype=jnp.bfloat16)
+  got = lt.fwd_and_grads("xla", *args, 16)
   assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
   for name, a, r in zip(("o", "state", "dq", "dk", "dv", "ds0"), got, ref):
     assert lt.rel_err(a.astype(jnp.float32), r.astype(jnp.float32)) < 1e-2, name
@@ -65,23 +49,14 @@ def test_different_value_dim(lt):
   assert lt.rel_err(x[0], r[0]) < 1e-5 and lt.rel_err(x[1], r[1]) < 1e-5
 
 
-def test_overflow_large_slope_block_256(lt):
-  # s * block = 0.917 * 256 = 235: exp(+235) would overflow float32.
-  q, k, v, s0, do, ds = lt.make_inputs(11, 1, 600, 2, 16)
-  slopes = jnp.asarray([0.91701323, 0.0039062891], jnp.float32)
+def test_overflow_and_long_sequence(lt):
+  # s * block = 0.917 * 256 = 235 (exp(+235) overflows float32) next to M1's last
+  # lightning layers' s ~ 5e-5, where the state grows over thousands of tokens.
+  q, k, v, s0, do, ds = lt.make_inputs(12, 1, 4096, 2, 8)
+  slopes = jnp.asarray([0.91701323, 4.9485e-05], jnp.float32)
   ref = lt.fwd_and_grads("reference", q, k, v, slopes, s0, None, do, ds, 256)
   got = lt.fwd_and_grads("xla", q, k, v, slopes, s0, None, do, ds, 256)
-  for name, a, r in zip(("o", "state", "dq", "dk", "dv", "ds0"), got, ref):
-    assert lt.rel_err(a, r) < 1e-5, name
-
-
-def test_long_sequence_small_slope(lt):
-  # M1's last lightning layers: s ~ 5e-5, the state grows over thousands of tokens.
-  q, k, v, s0, do, ds = lt.make_inputs(12, 1, 4096, 1, 16)
-  slopes = jnp.asarray([4.9485e-05], jnp.float32)
-  ref = lt.fwd_and_grads("reference", q, k, v, slopes, s0, None, do, ds, 256)
-  got = lt.fwd_and_grads("xla", q, k, v, slopes, s0, None, do, ds, 256)
-  assert float(jnp.max(jnp.abs(got[1]))) > 50 * float(jnp.max(jnp.abs(s0)))  # it grew
+  assert float(jnp.max(jnp.abs(got[1][:, 1]))) > 50 * float(jnp.max(jnp.abs(s0)))  # it grew
   for name, a, r in zip(("o", "state", "dq", "dk", "dv", "ds0"), got, ref):
     assert lt.rel_err(a, r) < 1e-5, name
 
@@ -94,10 +69,8 @@ def test_padding_is_skipped(lt, impl):
   slopes = jnp.asarray(lt.SLOPES[[0, 5]])
   base_o, base_s = lightning_attention(q, k, v, slopes, initial_state=s0, block_size=4,
                                        impl="reference")
-  pad_at = [0, 0, 0, 5, 9, 9 + 1 + t]  # positions in the padded sequence that are padding
-  tp = t + 7
+  tp = t + 7  # padding at 0-2 (left), 8 and 12 (inside the segment), 18-19 (right)
   real_idx = np.array([i for i in range(tp) if i not in (0, 1, 2, 8, 12, 18, 19)])
-  del pad_at
   rng = np.random.default_rng(3)
 
   def scatter(x):
