@@ -211,6 +211,10 @@ class M1Config:
 
         if "attn_type_list" in d:
             codes = d["attn_type_list"]
+            if not isinstance(codes, (list, tuple)):
+                fail("attn_type_list", f"must be a list with one entry per layer, got {codes!r}")
+            if len(codes) != d["num_hidden_layers"]:
+                fail("attn_type_list", f"has {len(codes)} entries but num_hidden_layers is {d['num_hidden_layers']}")
             types = []
             for i, c in enumerate(codes):
                 if c not in _ATTN_TYPE_CODES:
@@ -257,6 +261,8 @@ class M1Config:
             raise ConfigError(f"{path}: no such config file") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(d).__name__}")
         return cls.from_dict(d, source=path)
 
     def to_dict(self) -> dict[str, Any]:

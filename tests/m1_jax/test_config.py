@@ -1,0 +1,150 @@
+"""M1Config: both config.json spellings, round trip, and one clear error per bad field."""
+
+import json
+
+import pytest
+
+from m1_jax.config import ConfigError, M1Config, m1_layer_types
+
+LAYER_NAMES = {0: "linear_attention", 1: "full_attention"}
+ORIG_TO_NATIVE = {
+    "layernorm_full_attention_alpha": "full_attn_alpha_factor",
+    "layernorm_full_attention_beta": "full_attn_beta_factor",
+    "layernorm_linear_attention_alpha": "linear_attn_alpha_factor",
+    "layernorm_linear_attention_beta": "linear_attn_beta_factor",
+    "layernorm_mlp_alpha": "mlp_alpha_factor",
+    "layernorm_mlp_beta": "mlp_beta_factor",
+}
+
+
+@pytest.fixture
+def orig(golden_dir):
+    """The original MiniMax-M1 config.json of the golden case (rotary_dim 8 of head_dim 16)."""
+    return json.loads((golden_dir / "config.json").read_text())
+
+
+def native_from_orig(d):
+    """The same architecture as transformers' native MiniMaxConfig would write it (M1_SPEC §1 mapping)."""
+    skip = {"attn_type_list", "rotary_dim", "rope_theta", "postnorm", "shared_intermediate_size",
+            "shared_moe_mode", "auto_map", *ORIG_TO_NATIVE}
+    n = {k: v for k, v in d.items() if k not in skip}
+    n["model_type"] = "minimax"
+    n["layer_types"] = [LAYER_NAMES[c] for c in d["attn_type_list"]]
+    for o, nat in ORIG_TO_NATIVE.items():
+        n[nat] = d[o]
+    n["rope_parameters"] = {"rope_type": "default", "rope_theta": float(d["rope_theta"]),
+                            "partial_rotary_factor": d["rotary_dim"] / d["head_dim"]}
+    return n
+
+
+def test_original_and_native_names_read_the_same(orig):
+    a = M1Config.from_dict(orig)
+    b = M1Config.from_dict(native_from_orig(orig))
+    assert a.model_type == "minimax_m1" and b.model_type == "minimax"
+    assert a == b.replace(model_type="minimax_m1")
+    # The values really came from the file, not from the M1 defaults.
+    assert a.hidden_size == 48 and a.rotary_dim == 8 and a.layer_types == (
+        "linear_attention", "full_attention", "linear_attention", "full_attention")
+    assert a.mlp_alpha == orig["layernorm_mlp_alpha"] != 1.0
+
+
+def test_native_defaults_rotate_the_whole_head(orig):
+    n = native_from_orig(orig)
+    del n["rope_parameters"]["partial_rotary_factor"]
+    assert M1Config.from_dict(n).rotary_dim == orig["head_dim"]
+
+
+@pytest.mark.parametrize("cfg", [
+    M1Config(),
+    M1Config(vocab_size=97, hidden_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+             head_dim=12, intermediate_size=24, num_local_experts=3, num_experts_per_tok=1,
+             layer_types=("full_attention", "linear_attention", "linear_attention"), rotary_dim=6,
+             rope_theta=1e4, full_attn_alpha=2.0, linear_attn_beta=0.5, mlp_alpha=1.5, block_size=5,
+             bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6),
+], ids=["m1", "odd"])
+def test_to_dict_round_trips(cfg, tmp_path):
+    assert M1Config.from_dict(cfg.to_dict()) == cfg
+    cfg.to_json(tmp_path / "config.json")
+    assert M1Config.from_json(tmp_path) == cfg
+
+
+def test_presets_read(configs_dir):
+    m1 = M1Config.from_json(configs_dir / "minimax-m1-40k.json")
+    assert m1.layer_types == m1_layer_types(80) and m1.rotary_dim == 64 and m1.block_size == 256
+    for path in configs_dir.glob("*.json"):
+        if not path.stem.startswith("train"):
+            M1Config.from_json(path)
+
+
+def _err(d, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError) as e:
+        M1Config.from_json(path)
+    msg = str(e.value)
+    assert str(path) in msg, msg  # every message names the file ...
+    assert len(msg.splitlines()) == 1, msg
+    return msg
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"postnorm": False}, "'postnorm'"),
+    ({"shared_intermediate_size": 64}, "'shared_intermediate_size'"),
+    ({"shared_intermediate_size": [0, 64]}, "'shared_intermediate_size'"),
+    ({"num_key_value_heads": 3}, "'num_key_value_heads'"),
+    ({"rotary_dim": 7}, "'rotary_dim'"),
+    ({"rotary_dim": 18}, "'rotary_dim'"),
+    ({"rotary_dim": 0}, "'rotary_dim'"),
+    ({"attn_type_list": [0, 2, 0, 1]}, "'attn_type_list'"),
+    ({"attn_type_list": [0, 1, 0]}, "'attn_type_list'"),
+    ({"attn_type_list": 1}, "'attn_type_list'"),
+    ({"num_experts_per_tok": 5}, "'num_experts_per_tok'"),
+    ({"hidden_act": "gelu"}, "'hidden_act'"),
+    ({"tie_word_embeddings": True}, "'tie_word_embeddings'"),
+    ({"head_dim": -16}, "'head_dim'"),
+    ({"sliding_window": 4096}, "'sliding_window'"),
+])
+def test_bad_original_config(orig, tmp_path, change, field):
+    msg = _err({**orig, **change}, tmp_path)
+    assert f"field {field}" in msg, msg  # ... and the field
+
+
+@pytest.mark.parametrize("missing", ["hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+                                     "attn_type_list"])
+def test_missing_field(orig, tmp_path, missing):
+    d = dict(orig)
+    del d[missing]
+    assert f"field '{missing}'" in _err(d, tmp_path)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"layer_types": ["linear_attention", "mamba", "linear_attention", "full_attention"]}, "'layer_types'"),
+    ({"layer_types": ["linear_attention", "full_attention"]}, "'layer_types'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e7}}, "'rope_parameters'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 1.5}},
+     "'rotary_dim'"),
+])
+def test_bad_native_config(orig, tmp_path, change, field):
+    msg = _err({**native_from_orig(orig), **change}, tmp_path)
+    assert f"field {field}" in msg, msg
+
+
+def test_unreadable_config_files(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"hidden_size": 64,')
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
+        M1Config.from_json(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config\.json: expected a JSON object"):
+        M1Config.from_json(bad)
+    with pytest.raises(ConfigError, match=r"nope\.json: no such config file"):
+        M1Config.from_json(tmp_path / "nope.json")
+    empty_dir = tmp_path / "ckpt"
+    empty_dir.mkdir()
+    with pytest.raises(ConfigError, match=r"ckpt/config\.json: no such config file"):
+        M1Config.from_json(empty_dir)
+
+
+def test_direct_construction_is_validated():
+    with pytest.raises(ConfigError, match="field 'layer_types'"):
+        M1Config(num_hidden_layers=3)  # default layer_types has 80 entries
