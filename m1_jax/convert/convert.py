@@ -12,9 +12,11 @@ chunk-sized pieces. Peak host memory is about one source tensor plus a few piece
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +33,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-MAX_IN_FLIGHT = 4  # pieces being written while the next one is prepared
+MAX_IN_FLIGHT = 2  # pieces being written while the next one is prepared
+READ_AHEAD_BYTES = 256 << 20  # the next tensor is read during this one's writes when both fit in this
 
 
 def open_source(path: str):
@@ -111,6 +114,26 @@ def plan_all(cfg: M1Config, src, tgts: dict[tuple, Target]) -> list[tuple[str, l
     return jobs
 
 
+def _contiguous(view: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of a strided view (a transposed slice); torch's tiled copy when installed."""
+    if view.flags.c_contiguous:
+        return view
+    if view.ndim == 2 and view.dtype.itemsize in _INT_OF_SIZE:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is not None:  # ~3x numpy's strided copy for a transpose
+            ints = view.view(_INT_OF_SIZE[view.dtype.itemsize])
+            with warnings.catch_warnings():  # read-only source buffer: torch only reads it here
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(ints).contiguous().numpy().view(view.dtype)
+    return np.ascontiguousarray(view)
+
+
+_INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
 def slot_pieces(pl, x: np.ndarray, t: Target):
     """``(region index, value)`` pieces of tensor ``x`` placed by ``pl``, one per output chunk.
 
@@ -131,7 +154,7 @@ def slot_pieces(pl, x: np.ndarray, t: Target):
     step = t.chunks[axis]
     for a in range(0, shape[0], step):
         b = min(a + step, shape[0])
-        piece = np.ascontiguousarray(y[a * unit:b * unit]).reshape((b - a,) + shape[1:])
+        piece = _contiguous(y[a * unit:b * unit]).reshape((b - a,) + shape[1:])
         yield pl.slot + (slice(a, b),), piece.astype(t.dtype, copy=False)
 
 
@@ -157,9 +180,10 @@ def resolve_dtype(name: str, cfg: M1Config, src) -> str:
     if name != "keep":
         raise CheckpointError(f"--dtype {name}: expected bf16, fp32 or keep")
     for key in src.keys():
-        pls = key_table.plan(cfg, key)
-        if pls and pls[0].path == ("embed_tokens",):
-            return np.dtype(src.info(key).dtype).name
+        if key.endswith("embed_tokens.weight"):
+            pls = key_table.plan(cfg, key)
+            if pls and pls[0].path == ("embed_tokens",):
+                return np.dtype(src.info(key).dtype).name
     return "float32"
 
 
@@ -218,16 +242,23 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     bar = tqdm(total=sum(sizes.values()), initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                desc="convert", disable=not progress, dynamic_ncols=True)
     n_done = sum(1 for k, _ in jobs if k in manifest.done)
+    todo = [(k, pls) for k, pls in jobs if k not in manifest.done]
+    reader = concurrent.futures.ThreadPoolExecutor(1)  # reads the next tensor while this one is written
     try:
-        for key, placements in jobs:
-            if key in manifest.done:
-                continue
-            crcs = write_tensor(arrays, tgts, key, placements, src.read(key))
+        ahead = reader.submit(src.read, todo[0][0]) if todo else None
+        for i, (key, placements) in enumerate(todo):
+            x = ahead.result() if ahead is not None else src.read(key)
+            ahead = None
+            if i + 1 < len(todo) and sizes[key] + sizes[todo[i + 1][0]] <= READ_AHEAD_BYTES:
+                ahead = reader.submit(src.read, todo[i + 1][0])
+            crcs = write_tensor(arrays, tgts, key, placements, x)
+            del x
             manifest.add(key, crcs)
             n_done += 1
             bar.update(sizes[key])
             bar.set_postfix_str(f"{n_done}/{len(jobs)} tensors", refresh=False)
     finally:
+        reader.shutdown(wait=True, cancel_futures=True)
         bar.close()
         manifest.close()
     ow.write_metadata(state_dir, ow.tree_leaves(state))
@@ -236,6 +267,7 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
         from m1_jax.convert.verify import verify_conversion
 
         summary["verify"] = verify_conversion(src_path, dst, mesh=mesh, progress=progress)
+    mf.sync_filesystem(state_dir)
     with open(os.path.join(dst, mf.COMPLETE_FILE), "w") as f:
         f.write("conversion complete\n")
         f.flush()

@@ -10,6 +10,7 @@ both go through :func:`plan`, so there is exactly one mapping.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -68,7 +69,7 @@ class KeyRule:
     def per_expert(self) -> bool:
         return "{expert}" in self.hf
 
-    @property
+    @functools.cached_property
     def regex(self) -> re.Pattern:
         pat = re.escape(self.hf).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
         return re.compile(pat + r"\Z")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import zlib
 
 from m1_jax.config import M1Config
@@ -108,33 +109,66 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 class Manifest:
-    """Append-only record of finished source tensors: ``{"key": ..., "crc32": [per placement]}``."""
+    """Record of finished source tensors: ``{"key": ..., "crc32": [per placement]}`` per line.
 
-    def __init__(self, path: str):
+    Finished tensors are buffered and recorded every :attr:`interval` seconds (and on close) after a
+    file-system sync, so a recorded tensor's chunks are on disk even after a power loss; a kill loses
+    at most the unrecorded ones, which a resume redoes.
+    """
+
+    def __init__(self, path: str, interval: float = 30.0):
         self.file = os.path.join(path, MANIFEST_FILE)
         self.done: dict[str, list[int]] = {}
+        self.interval = interval
         if os.path.isfile(self.file):
-            with open(self.file) as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a kill: that tensor is redone
-                        continue
-                    self.done[row["key"]] = row["crc32"]
-        self._f = None
+            with open(self.file, "rb") as f:
+                data = f.read()
+            whole = data[: data.rfind(b"\n") + 1]
+            if whole != data:  # a line cut short by a kill: drop it (that tensor is redone)
+                with open(self.file, "wb") as f:
+                    f.write(whole)
+            for line in whole.decode().splitlines():
+                row = json.loads(line)
+                self.done[row["key"]] = row["crc32"]
+        self._pending: list[str] = []
+        self._last = time.monotonic()
 
     def add(self, key: str, crcs: list[int]) -> None:
-        if self._f is None:
-            self._f = open(self.file, "a")
-        self._f.write(json.dumps({"key": key, "crc32": crcs}) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._pending.append(json.dumps({"key": key, "crc32": crcs}) + "\n")
         self.done[key] = crcs
+        if time.monotonic() - self._last >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last = time.monotonic()
+        if not self._pending:
+            return
+        sync_filesystem(self.file)  # the chunks of every pending tensor reach the disk before the record
+        with open(self.file, "a") as f:
+            f.write("".join(self._pending))
+            f.flush()
+            os.fsync(f.fileno())
+        self._pending = []
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        self.flush()
+
+
+def sync_filesystem(path: str) -> None:
+    """Flushes the file system holding ``path`` (``syncfs`` on Linux; ``sync`` elsewhere)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
+    os.sync()
 
 
 def crc32(array, value: int = 0) -> int:

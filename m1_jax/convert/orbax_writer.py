@@ -74,7 +74,12 @@ def create_array(directory: str, name: str, shape, dtype, chunks) -> ts.TensorSt
         "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": _zarr_dtype(dtype),
                      "compressor": None, "fill_value": None, "order": "C", "dimension_separator": "."},
     }
-    return ts.open(spec, create=True, open=True).result()
+    return ts.open(spec, create=True, open=True, context=_CONTEXT).result()
+
+
+# No fsync per chunk: the converter syncs the file system before it records finished tensors
+# (manifest.Manifest) and before it marks the checkpoint complete.
+_CONTEXT = ts.Context({"file_io_sync": False})
 
 
 def write_metadata(directory: str, leaves: list[tuple[tuple, str, list, object]]) -> None:

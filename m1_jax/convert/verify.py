@@ -63,6 +63,7 @@ def verify_conversion(src_path: str, dst: str, *, mesh=None, progress: bool = Tr
 
 
 def _compare_logits(cfg: M1Config, src, dst: str, record: dict, mesh) -> float:
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -75,8 +76,9 @@ def _compare_logits(cfg: M1Config, src, dst: str, record: dict, mesh) -> float:
     buffers = load_state(cfg, src, abstract)
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
+    device = jax.devices()[0]  # committed like the restored arrays, so one compilation serves both
     for p, var in flat:
-        var.set_value(jnp.asarray(buffers.pop(p)))
+        var.set_value(jax.device_put(buffers.pop(p), device))
     reference = nnx.merge(graphdef, nnx.from_flat_state(flat))
     restored = restore_model(dst, mesh=mesh, require_complete=False)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 19), dtype=np.int32))

@@ -71,16 +71,36 @@ def test_sharded_bf16_restores_to_golden_logits(sharded_dst, golden):
     np.testing.assert_allclose(np.asarray(logits), golden["out"]["logits_bf16_weights"], rtol=0, atol=ATOL)
 
 
-def test_cli_fp32_with_verify_gives_golden_logits(golden_dir, golden, tmp_path, capsys):
+def test_fp32_restores_to_golden_logits(golden_dir, golden, tmp_path):
     dst = tmp_path / "fp32"
-    assert main(["convert", str(golden_dir), str(dst), "--dtype", "fp32", "--verify", "--no-progress"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["verify"]["tensors_checked"] == 79
-    assert summary["verify"]["logits_max_abs_diff"] <= ATOL
+    convert(golden_dir, dst, dtype="fp32", progress=False)
     model = m1_jax.from_pretrained(dst)
     assert model.embed_tokens[...].dtype == jnp.float32
     logits = model(golden["ids"])
     np.testing.assert_allclose(np.asarray(logits), golden["out"]["logits"], rtol=0, atol=ATOL)
+
+
+def test_cli_convert_with_verify(golden_dir, tmp_path, capsys):
+    dst = tmp_path / "bf16"
+    assert main(["convert", str(golden_dir / "sharded"), str(dst), "--verify", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["verify"]["tensors_checked"] == 79
+    assert summary["verify"]["logits_max_abs_diff"] <= ATOL
+    assert (dst / mf.COMPLETE_FILE).is_file()
+
+
+def test_verify_finds_a_corrupted_array(golden_dir, tmp_path):
+    from m1_jax.convert.verify import VerificationError, verify_conversion
+
+    dst = tmp_path / "bf16"
+    convert(golden_dir / "sharded", dst, progress=False)
+    chunk = dst / mf.STATE_DIR / "periods.layers.1.block_sparse_moe.w2.value" / "1.2.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[5] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match=r"model.layers.3.block_sparse_moe.experts.2.w2.weight' -> "
+                                                r"periods.layers.1.block_sparse_moe.w2\[1, 2\]: checksum"):
+        verify_conversion(str(golden_dir / "sharded"), str(dst), progress=False)
 
 
 def test_restore_onto_mesh(sharded_dst):
