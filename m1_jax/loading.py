@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from m1_jax import sharding
 from m1_jax.config import M1Config
 from m1_jax.convert import keys as key_table
 from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
@@ -74,12 +75,15 @@ def load_state(cfg: M1Config, ckpt: SafetensorsCheckpoint, abstract: M1Model, *,
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, progress: bool = False,
-                    **model_kw) -> M1Model:
+                    mesh=None, **model_kw) -> M1Model:
     """Loads a MiniMax-M1 checkpoint directory (config.json + safetensors, single file or sharded,
     original or transformers-5 key names) into an :class:`M1Model`.
 
     ``dtype``: compute dtype (float32 logits either way). ``param_dtype``: storage dtype, default as
-    stored in the checkpoint. Other keyword arguments go to :class:`M1Model` (``moe_impl``, ...).
+    stored in the checkpoint. ``mesh``: a :class:`jax.sharding.Mesh` or a spec such as
+    ``"data=1,fsdp=2,expert=2,tensor=2"`` (:mod:`m1_jax.sharding`): each device then receives only its
+    shards of every parameter and the model runs sharded. Other keyword arguments go to
+    :class:`M1Model` (``moe_impl``, ...).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -88,11 +92,19 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     ckpt = SafetensorsCheckpoint(path)
     if param_dtype is None:
         param_dtype = _stored_param_dtype(ckpt, cfg)
+    mesh = sharding.as_mesh(mesh)
+    if mesh is not None:
+        sharding.check_mesh(cfg, mesh)
     abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **model_kw)
     buffers = load_state(cfg, ckpt, abstract, progress=progress)
     graphdef, state = nnx.split(abstract)
+    shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh))) if mesh is not None else {}
     flat = nnx.to_flat_state(state)
     for p, var in flat:
         if p in buffers:
-            var.set_value(jnp.asarray(buffers.pop(p)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+            buf = buffers.pop(p)
+            var.set_value(sharding.put_array(buf, shardings[p].get_value()) if mesh is not None
+                          else jnp.asarray(buf))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    model.mesh = mesh
+    return model

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m1_jax import sharding
 from m1_jax.config import LINEAR, M1Config
 from m1_jax.layers.common import param
 from m1_jax.layers.decoder import Period
@@ -45,6 +46,7 @@ class M1Model(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.scan_layers = scan_layers
+        self.mesh = None  # a jax.sharding.Mesh once placed with m1_jax.sharding.shard_model / from_pretrained(mesh=)
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = param(rngs, (V, D), ("vocab", "embed"), dtype=param_dtype, std=cfg.initializer_range)
         kw = dict(dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl, lightning_impl=lightning_impl)
@@ -60,11 +62,13 @@ class M1Model(nnx.Module):
 
     # ------------------------------------------------------------------ pieces
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        return sharding.constrain(x, sharding.HIDDEN)
 
     def logits(self, x: jax.Array) -> jax.Array:
         z = self.norm(x)
-        return jnp.dot(z, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        out = jnp.dot(z, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return sharding.constrain(out, sharding.LOGITS)
 
     def run_layers(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                    moe_impl: str | None = None, scan: bool | None = None, collect: bool = False):
@@ -108,10 +112,13 @@ class M1Model(nnx.Module):
                              f"{list(input_ids.shape)}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-        x = self.embed(input_ids)
-        x, outs, aux = self.run_layers(x, positions=positions, segment_ids=segment_ids, moe_impl=moe_impl,
-                                       scan=scan, collect=collect)
-        logits = self.logits(x)
+        if self.mesh is not None:
+            sharding.check_batch(input_ids.shape[0], self.mesh)
+        with sharding.activate(self.mesh):
+            x = self.embed(input_ids)
+            x, outs, aux = self.run_layers(x, positions=positions, segment_ids=segment_ids, moe_impl=moe_impl,
+                                           scan=scan, collect=collect)
+            logits = self.logits(x)
         if not return_aux:
             return logits
         extras = {"aux_loss": jnp.mean(aux), "aux_loss_per_layer": aux}

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m1_jax import sharding
 from m1_jax.config import FULL, LINEAR, M1Config
 from m1_jax.layers.attention import SoftmaxAttention
 from m1_jax.layers.lightning import LightningAttention
@@ -41,6 +42,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, *, positions: jax.Array, slopes: jax.Array,
                  segment_ids: jax.Array | None = None, moe_impl: str | None = None):
         """-> (output, aux loss). ``slopes`` is only read by lightning layers."""
+        x = sharding.constrain(x, sharding.HIDDEN)
         h = self.input_layernorm(x.astype(self.dtype))
         if self.layer_type == LINEAR:
             attn, _ = self.self_attn(h, slopes, segment_ids=segment_ids)
@@ -49,7 +51,7 @@ class DecoderLayer(nnx.Module):
         a = self.alpha * h + self.beta * attn
         g = self.post_attention_layernorm(a)
         moe, _, aux = self.block_sparse_moe(g, impl=moe_impl)
-        return self.mlp_alpha * g + self.mlp_beta * moe, aux
+        return sharding.constrain(self.mlp_alpha * g + self.mlp_beta * moe, sharding.HIDDEN), aux
 
 
 class Period(nnx.Module):

@@ -11,10 +11,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m1_jax import sharding
 from m1_jax.config import M1Config
 from m1_jax.layers.common import matmul, param
 from m1_jax.layers.norms import RMSNorm
 from pallas_kernels.lightning import lightning_attention
+
+
+def sharded_lightning(q, k, v, slopes, state, segment_ids, block_size: int, impl: str):
+    """The lightning op; under an active mesh it runs per shard of (batch, heads) in ``jax.shard_map``.
+
+    Heads are independent in the recurrence, so the sharded op is exact. The explicit shard_map keeps a
+    Pallas kernel (an opaque custom call to XLA's partitioner) from being gathered onto every device.
+    """
+    mesh = sharding.active_mesh()
+    op = lambda q, k, v, s, st, seg: lightning_attention(q, k, v, s, initial_state=st, segment_ids=seg,
+                                                         block_size=block_size, impl=impl)
+    if mesh is None:
+        return op(q, k, v, slopes, state, segment_ids)
+    B, _, H, _ = q.shape
+    qs = sharding.spec(("batch", "length", "heads", "head_dim"), q.shape)
+    ss = sharding.spec(("batch", "heads", None, None), (B, H, 1, 1))
+    specs = (qs, qs, qs, sharding.spec(("heads",), (H,)),
+             None if state is None else ss, None if segment_ids is None else sharding.spec(("batch", "length")))
+    return jax.shard_map(op, mesh=mesh, in_specs=specs, out_specs=(qs, ss), check_vma=False)(
+        q, k, v, slopes, state, segment_ids)
 
 
 class LightningAttention(nnx.Module):
@@ -38,8 +59,7 @@ class LightningAttention(nnx.Module):
         d = self.cfg.head_dim
         qkv = jax.nn.silu(matmul(h, self.qkv_proj[...], dtype=self.dtype))  # [B, T, H, 3d]
         q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
-        o, final_state = lightning_attention(q, k, v, slopes, initial_state=state, segment_ids=segment_ids,
-                                             block_size=self.cfg.block_size, impl=self.impl)
+        o, final_state = sharded_lightning(q, k, v, slopes, state, segment_ids, self.cfg.block_size, self.impl)
         o = self.norm(o.astype(self.dtype))
         gate = jax.nn.sigmoid(matmul(h, self.output_gate[...], dtype=self.dtype))
         y = matmul(gate * o, self.out_proj[...], contract=2, dtype=self.dtype)

@@ -7,7 +7,8 @@ cast to the activation dtype (as the original code does). Expert ``e``:
 * ``"dense"``: every expert on every token, weighted by the (mostly zero) combine weights; the
   reference, cost ``num_experts / top_k`` times the useful work;
 * ``"ragged"``: (token, expert) pairs sorted by expert and run as grouped matmuls
-  (``jax.lax.ragged_dot``), then scattered back: the production path.
+  (``jax.lax.ragged_dot``), then scattered back: the production path. Under a mesh
+  (:mod:`m1_jax.sharding`) it runs expert-parallel in ``jax.shard_map`` (:mod:`.moe_parallel`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m1_jax import sharding
 from m1_jax.config import M1Config
 from m1_jax.layers.common import param
 
@@ -92,8 +94,12 @@ class MoE(nnx.Module):
             raise ValueError(f"moe impl must be one of {MOE_IMPLS}, got {impl!r}")
         B, T, D = x.shape
         logits, weights, experts = route(x, self.gate[...], self.cfg.num_experts_per_tok)
-        fn = experts_dense if impl == "dense" else experts_ragged
-        y = fn(x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1),
-               self.w1[...], self.w3[...], self.w2[...], self.dtype)
+        if impl == "ragged" and sharding.active_mesh() is not None:  # expert parallel (moe_parallel.py)
+            from m1_jax.layers.moe_parallel import experts_sharded
+            y = experts_sharded(x, weights, experts, self.w1[...], self.w3[...], self.w2[...], self.dtype)
+        else:
+            fn = experts_dense if impl == "dense" else experts_ragged
+            y = fn(x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1),
+                   self.w1[...], self.w3[...], self.w2[...], self.dtype)
         aux = load_balancing_loss(logits, experts, self.cfg.num_local_experts)
         return y.reshape(B, T, D), logits, aux

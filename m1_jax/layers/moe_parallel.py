@@ -1,0 +1,133 @@
+"""Expert parallelism: the routed expert computation inside ``jax.shard_map`` with all-to-all exchange.
+
+Experts are split over the ``expert`` mesh axis (``E / ep`` per shard), tokens over the batch axes
+(``data``, ``fsdp``, ``expert``) and the expert width over ``tensor``. Per device:
+
+1. sort the local (token, slot) pairs by expert; the rows for expert shard ``j`` are then one
+   contiguous run of ``send[j]`` rows;
+2. exchange the runs over ``expert`` (``jax.lax.ragged_all_to_all`` on TPU; elsewhere, where XLA has
+   no ragged all-to-all, :func:`padded_ragged_all_to_all` gives the same result from a dense
+   ``all_to_all`` of worst-case-sized chunks);
+3. regroup the received rows by local expert and run the SwiGLU experts as grouped matmuls
+   (``jax.lax.ragged_dot``);
+4. send the results back the same way, weight them and add them into their tokens; with
+   ``tensor > 1`` the partial sums over the expert width are reduced with ``psum``.
+
+Dropless: the receive buffer holds the worst case (every token of every expert shard routed here:
+``ep * tokens * top_k`` rows), so no routing, however uneven, loses a token. The result equals the
+dense reference exactly up to float summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from m1_jax import sharding
+
+EXPERT = "expert"
+
+
+def _exclusive_cumsum(x, axis=-1):
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                             axis_name: str, axis_size: int):
+    """``jax.lax.ragged_all_to_all`` semantics from a dense ``all_to_all`` (for backends without it).
+
+    Rows ``[input_offsets[j], input_offsets[j] + send_sizes[j])`` of ``operand`` go to device ``j``
+    and land in its ``output`` at ``output_offsets[j]`` (an offset chosen by the sender);
+    ``recv_sizes[i]`` rows arrive from device ``i``. Each chunk travels padded to ``operand``'s length.
+    """
+    m = operand.shape[0]
+    rows = jnp.arange(m)
+    idx = jnp.clip(input_offsets[:, None] + rows[None, :], 0, m - 1)  # [ep, m]
+    valid = rows[None, :] < send_sizes[:, None]
+    chunks = jnp.where(valid[..., None], operand[idx], jnp.zeros((), operand.dtype))  # [ep, m, ...]
+    recv = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)  # recv[i]: chunk from device i
+    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where device i put it
+    target = offsets[:, None] + rows[None, :]
+    target = jnp.where(rows[None, :] < recv_sizes[:, None], target, output.shape[0])  # padding: dropped
+    return output.at[target.reshape(-1)].set(recv.reshape((-1,) + operand.shape[1:]), mode="drop")
+
+
+def _swiglu_grouped(x, group_sizes, w1, w3, w2, dtype):
+    h = jax.nn.silu(jax.lax.ragged_dot(x, w1.astype(dtype), group_sizes)) * jax.lax.ragged_dot(
+        x, w3.astype(dtype), group_sizes)
+    return jax.lax.ragged_dot(h, w2.astype(dtype), group_sizes)
+
+
+def _local_experts(x, weights, experts, w1, w3, w2, *, num_experts: int, ep: int, tensor: int, dtype,
+                   ragged: bool):
+    """Per-device body. x [b, T, D]; weights/experts [b, T, k]; w1/w3 [E/ep, D, I/t]; w2 [E/ep, I/t, D]."""
+    b, T, D = x.shape
+    k = experts.shape[-1]
+    n = b * T
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    xs = x.reshape(n, D).astype(dtype)[token]  # [n*k, D], sorted by expert
+    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
+    if ep == 1:
+        y = _swiglu_grouped(xs, counts, w1, w3, w2, dtype)
+    else:
+        e_loc = num_experts // ep
+        me = jax.lax.axis_index(EXPERT)
+        all_counts = jax.lax.all_gather(counts, EXPERT)  # [src, E]
+        matrix = all_counts.reshape(ep, ep, e_loc).sum(-1)  # rows sent [src, dst]
+        send = matrix[me]  # [dst]
+        in_offsets = _exclusive_cumsum(send)
+        recv = matrix[:, me]  # [src]
+        recv_offsets = _exclusive_cumsum(recv)
+        out_offsets = _exclusive_cumsum(matrix, axis=0)[me]  # where my run lands on each dst
+        back_offsets = _exclusive_cumsum(matrix, axis=1)[:, me]  # where src's run started in src's rows
+        cap = ep * n * k  # worst case: every row of every shard comes here
+        if ragged:
+            exchange = functools.partial(jax.lax.ragged_all_to_all, axis_name=EXPERT)
+        else:
+            exchange = functools.partial(padded_ragged_all_to_all, axis_name=EXPERT, axis_size=ep)
+        buf = exchange(xs, jnp.zeros((cap, D), dtype), in_offsets, send, out_offsets, recv)
+        # Local expert of every received row: runs from each source, each sorted by expert.
+        local_counts = jax.lax.dynamic_slice_in_dim(all_counts, me * e_loc, e_loc, axis=1)  # [src, E/ep]
+        p = jnp.arange(cap)
+        src = jnp.searchsorted(jnp.cumsum(recv), p, side="right")  # == ep for padding rows
+        src_c = jnp.minimum(src, ep - 1)
+        r = p - recv_offsets[src_c]
+        e = jnp.sum(jnp.cumsum(local_counts, axis=1)[src_c] <= r[:, None], axis=1)
+        e = jnp.where(src < ep, e, e_loc)
+        perm = jnp.argsort(e, stable=True)
+        y_sorted = _swiglu_grouped(buf[perm], local_counts.sum(0), w1, w3, w2, dtype)
+        y_recv = jnp.zeros_like(y_sorted).at[perm].set(y_sorted)
+        y = exchange(y_recv, jnp.zeros((n * k, D), dtype), recv_offsets, recv, back_offsets, send)
+    y = y * weights.reshape(-1)[order][:, None].astype(dtype)
+    out = jnp.zeros((n, D), dtype).at[token].add(y)
+    if tensor > 1:
+        out = jax.lax.psum(out, "tensor")
+    return out.reshape(b, T, D)
+
+
+def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = None, ragged: bool | None = None):
+    """The routed experts over ``mesh`` (default: the active mesh). x [B, T, D]; weights/experts
+    [B, T, k]; w1/w3 [E, D, I]; w2 [E, I, D] -> [B, T, D].
+
+    ``ragged``: use ``jax.lax.ragged_all_to_all`` (default: when the mesh's devices are TPUs).
+    """
+    mesh = mesh or sharding.active_mesh()
+    E = w1.shape[0]
+    ep, t = mesh.shape[EXPERT], mesh.shape["tensor"]
+    if E % ep:
+        raise sharding.MeshError(f"--mesh {sharding.format_mesh_spec(mesh)}: expert={ep} does not divide "
+                                 f"num_local_experts={E}")
+    if ragged is None:
+        ragged = mesh.devices.flat[0].platform == "tpu"
+    with sharding.activate(mesh):
+        tok = sharding.spec(("batch", "length", None), x.shape)
+        w_in = sharding.spec(("experts", None, "mlp"), w1.shape)
+        w_out = sharding.spec(("experts", "mlp", None), w2.shape)
+    body = functools.partial(_local_experts, num_experts=E, ep=ep, tensor=t, dtype=dtype, ragged=ragged)
+    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
+        x, weights, experts, w1, w3, w2)
