@@ -1,0 +1,237 @@
+"""Ahead-of-time planning of a TPU pod on any host: compile the model for an abstract TPU topology and
+report what one device needs.
+
+``jax.experimental.topologies.get_topology_desc`` (libtpu, the ``[tpu]`` extra) gives abstract TPU
+devices; the mesh is built over them, the step is lowered with ``jax.ShapeDtypeStruct`` inputs that
+carry their shardings (parameters come from :func:`m1_jax.model.abstract_model`, so nothing is
+allocated) and compiled by the real TPU compiler (Pallas kernels through Mosaic). The report holds
+``compiled.memory_analysis()`` (per-device argument / output / temporary bytes), the HBM of the chip,
+``compiled.cost_analysis()`` FLOPs, and the compile time.
+
+Steps:
+
+* ``train``: next-token cross entropy + ``router_aux_loss_coef`` x MoE load-balancing loss, gradients,
+  an ``optax.adamw`` update (parameters and both moments in ``param_dtype``); state donated.
+* ``forward``: logits for ``[batch, seq_len]`` tokens.
+* ``decode``: one token per row against an inference cache of ``context`` tokens (lightning states +
+  softmax KV caches, :mod:`m1_jax.cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from m1_jax import sharding
+from m1_jax.config import M1Config
+from m1_jax.model import abstract_model
+
+log = logging.getLogger(__name__)
+
+GiB = 2 ** 30
+# HBM per chip by TPU generation (GiB).
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+MODES = ("train", "forward", "decode")
+
+
+def chip_generation(topology: str) -> str:
+    return topology.split(":", 1)[0].lower()
+
+
+def topology_devices(topology: str) -> list:
+    """Abstract TPU devices of ``topology`` (e.g. ``v5p:4x4x4``); needs libtpu."""
+    try:
+        from jax.experimental import topologies
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--topology {topology}: TPU AOT compilation needs libtpu "
+                           f"(pip install 'm1-jax[tpu]'): {e}") from None
+    if ":" not in topology:
+        raise ValueError(f"--topology {topology!r}: expected GENERATION:SHAPE, e.g. v5p:4x4x4 or v5e:2x2")
+    try:
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except Exception as e:  # noqa: BLE001 - libtpu's message is the useful part
+        raise ValueError(f"--topology {topology!r}: libtpu cannot build it: {e}") from None
+    return list(desc.devices)
+
+
+@dataclasses.dataclass
+class AotReport:
+    mode: str
+    topology: str
+    mesh: str
+    devices: int
+    batch: int
+    seq_len: int
+    context: int
+    param_dtype: str
+    compute_dtype: str
+    lightning_impl: str
+    compile_s: float
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    alias_bytes: int
+    generated_code_bytes: int
+    hbm_bytes: int | None
+    flops: float | None
+    note: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak per-device need: arguments + temporaries + outputs not aliased to (donated) arguments."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + \
+            self.generated_code_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.hbm_bytes is None else self.total_bytes <= self.hbm_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(total_bytes=self.total_bytes, fits=self.fits)
+        return d
+
+    def table(self) -> str:
+        gb = lambda b: f"{b / GiB:9.2f} GiB"
+        hbm = "unknown" if self.hbm_bytes is None else gb(self.hbm_bytes).strip()
+        fits = {None: "?", True: "fits", False: "DOES NOT FIT"}[self.fits]
+        shape = (f"batch {self.batch} x context {self.context} (one new token)" if self.mode == "decode"
+                 else f"batch {self.batch} x seq {self.seq_len}")
+        lines = [
+            f"mode            {self.mode} ({shape})",
+            f"topology        {self.topology}: {self.devices} devices, mesh {self.mesh}",
+            f"dtypes          params {self.param_dtype}, compute {self.compute_dtype}, lightning {self.lightning_impl}",
+            f"compile time    {self.compile_s:.1f} s",
+            "per device:",
+            f"  arguments     {gb(self.argument_bytes)}",
+            f"  outputs       {gb(self.output_bytes)} ({gb(self.alias_bytes).strip()} aliased to donated arguments)",
+            f"  temporaries   {gb(self.temp_bytes)}",
+            f"  code          {gb(self.generated_code_bytes)}",
+            f"  total need    {gb(self.total_bytes)} of {hbm} HBM: {fits}",
+            f"FLOPs per step  {self.flops:.4g} per device, {self.flops * self.devices:.4g} total"
+            if self.flops else "FLOPs per step  not reported",
+        ]
+        if self.note:
+            lines.append(f"note            {self.note}")
+        return "\n".join(lines)
+
+
+def _tokens(mesh, batch: int, length: int):
+    sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), mesh, (batch, length), "tokens"))
+    return jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sh)
+
+
+def _train_step(graphdef, cfg: M1Config, tx):
+    def loss_fn(params, tokens):
+        model = nnx.merge(graphdef, params)
+        logits, extras = model(tokens[:, :-1], return_aux=True)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return ce + cfg.router_aux_loss_coef * extras["aux_loss"], ce
+
+    def step(params, opt_state, tokens):
+        (loss, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "ce": ce}
+
+    return step
+
+
+def _sds(tree, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def _lower(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, context: int, model_kw: dict):
+    """-> (lowered computation, note for the report)."""
+    model = abstract_model(cfg, **model_kw)
+    model.mesh = mesh  # the forward then constrains activations and runs the expert-parallel MoE
+    graphdef, params = nnx.split(model)
+    param_sh = sharding.state_shardings(params, mesh)
+    params = _sds(params, param_sh)
+    replicated = NamedSharding(mesh, P())
+    if mode == "train":
+        tx = optax.adamw(1e-4, weight_decay=0.1)
+        opt_state = jax.eval_shape(tx.init, params)
+        opt_sh = _optimizer_shardings(opt_state, params, param_sh, replicated)
+        step = _train_step(graphdef, cfg, tx)
+        fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, replicated))
+        return fn.lower(params, _sds(opt_state, opt_sh), _tokens(mesh, batch, seq_len + 1)), ""
+    if mode == "forward":
+        fn = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+        return fn.lower(params, _tokens(mesh, batch, seq_len)), ""
+    return _lower_decode(cfg, mesh, graphdef, params, batch=batch, context=context, dtype=model_kw["dtype"])
+
+
+def _optimizer_shardings(opt_state, params, param_sh, replicated):
+    """Optimizer state shardings: every subtree shaped like the parameters (AdamW's moments) takes the
+    parameters' shardings; everything else (step counters) is replicated."""
+    p_def = jax.tree.structure(params)
+    is_moment = lambda x: not isinstance(x, jax.ShapeDtypeStruct) and jax.tree.structure(x) == p_def
+    return jax.tree.map(lambda x: param_sh if is_moment(x) else replicated, opt_state, is_leaf=is_moment)
+
+
+def _lower_decode(cfg: M1Config, mesh, graphdef, params, *, batch: int, context: int, dtype):
+    """One decode step (one token per row) against a cache holding ``context`` tokens."""
+    try:
+        from m1_jax import cache as cache_lib
+        from m1_jax.generate import _forward as cached_forward
+    except ImportError as e:  # the inference cache is not part of this installation
+        note = f"no inference cache ({e}): compiled a forward over {context} tokens instead of a decode step"
+        fn = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+        return fn.lower(params, _tokens(mesh, batch, context)), note
+    shapes = cache_lib.cache_shapes(cfg, batch, cache_lib.round_max_len(context), dtype)
+    names = cache_lib.CACHE_LOGICAL_AXES
+    cache_sh = jax.tree.map(lambda n, s: sharding.named_sharding(n, mesh, s.shape, what="cache"), names, shapes,
+                            is_leaf=lambda x: isinstance(x, tuple))
+    tokens = _tokens(mesh, batch, 1)
+
+    def step(params, cache, tokens):
+        model = nnx.merge(graphdef, params)
+        with sharding.activate(mesh):
+            return cached_forward(model, cache, tokens, jnp.ones((tokens.shape[0],), jnp.int32))
+
+    fn = jax.jit(step, donate_argnums=(1,))
+    note = f"decode step: 1 new token per row, KV cache of {shapes.max_len} tokens (m1_jax.cache)"
+    return fn.lower(params, _sds(shapes, cache_sh), tokens), note
+
+
+def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int = 1, seq_len: int = 8192,
+         context: int = 1 << 20, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
+         lightning_impl: str = "auto") -> AotReport:
+    """Compiles ``mode`` for ``topology`` and returns the per-device report."""
+    from pallas_kernels.lightning import tpu_target
+
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh(mesh_spec, devices)
+    sharding.check_mesh(cfg, mesh)
+    sharding.check_batch(batch, mesh)
+    model_kw = dict(param_dtype=param_dtype, dtype=dtype, lightning_impl=lightning_impl)
+    t0 = time.perf_counter()
+    with tpu_target():
+        lowered, note = _lower(cfg, mesh, mode, batch=batch, seq_len=seq_len, context=context, model_kw=model_kw)
+        compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    gen = chip_generation(topology)
+    hbm = HBM_GIB.get(gen)
+    return AotReport(
+        mode=mode, topology=topology, mesh=sharding.format_mesh_spec(mesh), devices=len(devices), batch=batch,
+        seq_len=seq_len, context=context, param_dtype=jnp.dtype(param_dtype).name, compute_dtype=jnp.dtype(dtype).name,
+        lightning_impl=lightning_impl, compile_s=compile_s,
+        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
+        generated_code_bytes=int(mem.generated_code_size_in_bytes),
+        hbm_bytes=None if hbm is None else hbm * GiB, flops=float(cost["flops"]) if "flops" in cost else None,
+        note=note)

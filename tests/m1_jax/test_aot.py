@@ -1,0 +1,48 @@
+"""`m1 aot`: compile a scaled-down model for a small abstract TPU topology on this CPU host."""
+
+import json
+
+import pytest
+
+from m1_jax import aot, cli
+from m1_jax.presets import resolve_config
+
+
+def test_hbm_table_and_bad_topology():
+    assert (aot.HBM_GIB["v4"], aot.HBM_GIB["v5e"], aot.HBM_GIB["v5p"], aot.HBM_GIB["v6e"]) == (32, 16, 95, 32)
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed for TPU AOT compilation")
+    with pytest.raises(ValueError, match="expected GENERATION:SHAPE"):
+        aot.topology_devices("v5p")
+
+
+def test_m1_aot_forward_on_v5p(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed for TPU AOT compilation")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu's lock
+    # tiny model; lightning block 128 so that the Pallas TPU kernels compile through Mosaic
+    cfg_path = tmp_path / "config.json"
+    resolve_config("tiny").replace(block_size=128).to_json(cfg_path)
+    out = tmp_path / "aot.json"
+    rc = cli.main(["aot", "--config", str(cfg_path), "--topology", "v5p:2x2x1", "--mesh", "fsdp=2,expert=2",
+                   "--mode", "forward", "--seq-len", "256", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "total need" in text and "of 95.00 GiB HBM: fits" in text and "FLOPs per step" in text
+    report = json.loads(out.read_text())
+    assert report["devices"] == 4 and report["mesh"] == "data=1,fsdp=2,expert=2,tensor=1"
+    assert report["batch"] == 4  # default: one row per data-parallel shard
+    assert report["argument_bytes"] > 0 and report["temp_bytes"] > 0 and report["fits"] is True
+    assert report["total_bytes"] >= report["argument_bytes"] + report["temp_bytes"]
+    # at least the weight matmuls: 2 FLOPs per active weight per token (all devices together)
+    cfg = resolve_config("tiny")
+    from m1_jax.config import param_counts
+    assert report["flops"] * report["devices"] > 2 * param_counts(cfg)["active"] * 4 * 256
+    assert report["compile_s"] > 0
+
+
+def test_m1_aot_rejects_a_batch_the_mesh_does_not_divide(monkeypatch, capsys):
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed for TPU AOT compilation")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    rc = cli.main(["aot", "--config", "tiny", "--topology", "v5p:2x2x1", "--mesh", "data=4", "--mode", "forward",
+                   "--batch", "2"])
+    assert rc == 2
+    assert "batch=2 is not divisible by data*fsdp*expert=4" in capsys.readouterr().err
