@@ -6,13 +6,13 @@ stacked experts, Flax ``[in, out]``) written as an Orbax PyTree checkpoint under
 
 Streaming: every source tensor is checked against the config from the headers alone before anything
 is written; then tensors are read one at a time (in file order) through the key table
-(:func:`m1_jax.convert.keys.plan`), and each slot is written with a TensorStore write of its region, in
-chunk-sized pieces. Peak host memory is about one source tensor plus a few pieces, whatever the depth.
+(:func:`m1_jax.convert.keys.plan`), and each slot is written region by region, one chunk-sized piece
+at a time (:mod:`m1_jax.convert.orbax_writer`). Peak host memory is about one source tensor plus a
+few pieces, whatever the depth.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import shutil
@@ -34,7 +34,6 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 MAX_IN_FLIGHT = 2  # pieces being written while the next one is prepared
-READ_AHEAD_BYTES = 256 << 20  # the next tensor is read during this one's writes when both fit in this
 
 
 def open_source(path: str):
@@ -123,7 +122,7 @@ def _contiguous(view: np.ndarray) -> np.ndarray:
             import torch
         except ImportError:
             torch = None
-        if torch is not None:  # ~3x numpy's strided copy for a transpose
+        if torch is not None:  # tiled: faster than numpy's strided copy for a transpose
             ints = view.view(_INT_OF_SIZE[view.dtype.itemsize])
             with warnings.catch_warnings():  # read-only source buffer: torch only reads it here
                 warnings.simplefilter("ignore", UserWarning)
@@ -159,13 +158,22 @@ def slot_pieces(pl, x: np.ndarray, t: Target):
 
 
 def write_tensor(arrays, tgts, key: str, placements, x: np.ndarray) -> list[int]:
-    """Writes one source tensor into its slots; returns the CRC-32 of each placement's written bytes."""
+    """Writes one source tensor into its slots; returns the CRC-32 of each placement's written bytes.
+
+    A piece that is exactly one chunk (a whole slot row range) is written as the chunk file itself;
+    any other region goes through a TensorStore write.
+    """
     crcs, pending = [], []
     for pl in placements:
         t, crc = tgts[pl.path], 0
+        arr = arrays[pl.path]
         for index, piece in slot_pieces(pl, x, t):
             crc = mf.crc32(piece, crc)
-            pending.append(arrays[pl.path][index].write(piece))
+            if len(pl.slot) == t.stack_dims and len(t.shape) > t.stack_dims:  # piece == one chunk
+                coords = pl.slot + (index[-1].start // t.chunks[t.stack_dims],) + (0,) * (len(t.shape) - t.stack_dims - 1)
+                ow.write_chunk(arr.kvstore.path, coords, piece.reshape((1,) * t.stack_dims + piece.shape), t.chunks)
+                continue
+            pending.append(arr[index].write(piece))
             if len(pending) >= MAX_IN_FLIGHT:
                 pending.pop(0).result()
         crcs.append(crc)
@@ -242,23 +250,16 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     bar = tqdm(total=sum(sizes.values()), initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                desc="convert", disable=not progress, dynamic_ncols=True)
     n_done = sum(1 for k, _ in jobs if k in manifest.done)
-    todo = [(k, pls) for k, pls in jobs if k not in manifest.done]
-    reader = concurrent.futures.ThreadPoolExecutor(1)  # reads the next tensor while this one is written
     try:
-        ahead = reader.submit(src.read, todo[0][0]) if todo else None
-        for i, (key, placements) in enumerate(todo):
-            x = ahead.result() if ahead is not None else src.read(key)
-            ahead = None
-            if i + 1 < len(todo) and sizes[key] + sizes[todo[i + 1][0]] <= READ_AHEAD_BYTES:
-                ahead = reader.submit(src.read, todo[i + 1][0])
-            crcs = write_tensor(arrays, tgts, key, placements, x)
-            del x
+        for key, placements in jobs:
+            if key in manifest.done:
+                continue
+            crcs = write_tensor(arrays, tgts, key, placements, src.read(key))
             manifest.add(key, crcs)
             n_done += 1
             bar.update(sizes[key])
             bar.set_postfix_str(f"{n_done}/{len(jobs)} tensors", refresh=False)
     finally:
-        reader.shutdown(wait=True, cancel_futures=True)
         bar.close()
         manifest.close()
     ow.write_metadata(state_dir, ow.tree_leaves(state))

@@ -1,11 +1,12 @@
 """Writing an Orbax PyTree checkpoint one region at a time, and reading its arrays back the same way.
 
 The checkpoint is the one ``orbax.checkpoint.StandardCheckpointer`` writes with ``use_ocdbt=False``:
-one zarr (v2) array per parameter in a directory named after its tree path, plus the ``_METADATA``
-tree record and ``_CHECKPOINT_METADATA``. Arrays are created empty (nothing allocated in memory) and
-each slot of a stacked parameter is written with a TensorStore write of just that region, so the
-host never holds a whole stacked tensor. Chunks are one slot (period[, expert]) split along the next
-axis into pieces of at most :data:`CHUNK_BYTES`, so every write covers whole chunks (no read-modify-write).
+one zarr (v2, uncompressed) array per parameter in a directory named after its tree path, plus the
+``_METADATA`` tree record and ``_CHECKPOINT_METADATA``. Arrays are created empty with TensorStore
+(nothing allocated in memory) and filled region by region, so the host never holds a whole stacked
+tensor. Chunks are one slot (period[, expert]) split along the next axis into pieces of at most
+:data:`CHUNK_BYTES`; a piece that is one whole chunk is written as that chunk's file
+(:func:`write_chunk`), any other region with a TensorStore write of just that region.
 
 :func:`open_array` reads arrays of any Orbax PyTree checkpoint (also OCDBT / zarr3 ones written by
 Orbax itself), region by region.
@@ -121,6 +122,22 @@ def open_array(directory: str, name: str, meta: dict | None = None) -> ts.Tensor
     else:
         kvstore = {"driver": "file", "path": os.path.join(directory, name)}
     return ts.open({"driver": driver, "kvstore": kvstore}, open=True).result()
+
+
+def write_chunk(array_dir: str, coords: tuple[int, ...], value: np.ndarray, chunks: tuple[int, ...]) -> None:
+    """Writes one whole chunk of an uncompressed zarr v2 array (:func:`create_array`) as a file.
+
+    An uncompressed chunk is its C-order bytes, always of the full chunk shape (the edge chunk is padded
+    with zeros). Written under a temporary name and renamed, so a chunk file is never partial.
+    """
+    if value.shape != tuple(chunks):
+        padded = np.zeros(chunks, value.dtype)
+        padded[tuple(slice(0, n) for n in value.shape)] = value
+        value = padded
+    path = os.path.join(array_dir, ".".join(map(str, coords)))
+    with open(path + ".partial", "wb") as f:
+        f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
+    os.replace(path + ".partial", path)
 
 
 def row_pieces(shape: tuple[int, ...], chunks: tuple[int, ...], n_slot_dims: int):
