@@ -50,7 +50,7 @@ def load_state(cfg: M1Config, ckpt: SafetensorsCheckpoint, abstract: M1Model, *,
         try:
             placements = key_table.plan(cfg, key)
         except key_table.UnknownKeyError as e:
-            raise CheckpointError(f"{ckpt.path}: unknown key {e}") from None
+            raise CheckpointError(f"{ckpt.info(key).file}: unknown key {e}") from None
         if placements is None:
             continue
         tensor = ckpt.read(key)
@@ -61,7 +61,7 @@ def load_state(cfg: M1Config, ckpt: SafetensorsCheckpoint, abstract: M1Model, *,
             except key_table.ShapeMismatchError as e:
                 raise CheckpointError(f"{ckpt.info(key).file}: {e}") from None
             if covered[pl.path][pl.slot].any():
-                raise CheckpointError(f"{ckpt.path}: '{key}' fills a slot of {'.'.join(map(str, pl.path))} "
+                raise CheckpointError(f"{ckpt.info(key).file}: '{key}' fills a slot of {'.'.join(map(str, pl.path))} "
                                       "that another key already filled")
             covered[pl.path][pl.slot] = True
             if pl.path not in buffers:

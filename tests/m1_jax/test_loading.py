@@ -117,7 +117,7 @@ def test_unknown_extra_key(ckpt):
     shard = "model-00004-of-00004.safetensors"
     _rewrite_shard(ckpt, shard, lambda t: t.update({key: jnp.ones((4, 48), jnp.bfloat16)}))
     msg = _load_error(ckpt)
-    assert "unknown key" in msg and key in msg, msg
+    assert shard in msg and "unknown key" in msg and key in msg, msg
 
 
 def test_weight_of_the_wrong_layer_type(ckpt):
@@ -125,7 +125,7 @@ def test_weight_of_the_wrong_layer_type(ckpt):
     shard = "model-00004-of-00004.safetensors"
     _rewrite_shard(ckpt, shard, lambda t: t.update({key: jnp.ones((192, 48), jnp.bfloat16)}))
     msg = _load_error(ckpt)
-    assert key in msg and "layer 1 is full_attention" in msg, msg
+    assert shard in msg and key in msg and "layer 1 is full_attention" in msg, msg
 
 
 def test_same_weight_under_two_names(ckpt):
@@ -134,7 +134,7 @@ def test_same_weight_under_two_names(ckpt):
     shard = "model-00004-of-00004.safetensors"
     _rewrite_shard(ckpt, shard, lambda t: t.update({key: jnp.ones((4, 48, 32), jnp.bfloat16)}))
     msg = _load_error(ckpt)
-    assert "already filled" in msg and "block_sparse_moe.w2" in msg, msg
+    assert shard in msg and "already filled" in msg and "block_sparse_moe.w2" in msg, msg
 
 
 def test_derived_buffers_are_ignored(ckpt, golden_dir):
