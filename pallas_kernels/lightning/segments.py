@@ -33,10 +33,13 @@ def block_positions(segment_ids, time: int, block_size: int):
   """Returns (pos, run), float32 [B or 1, num_blocks, block_size] each."""
   nb = -(-time // block_size)
   tp = nb * block_size
-  if segment_ids is None:
-    seg = jnp.ones((1, time), jnp.int32)
-  else:
-    seg = jnp.asarray(segment_ids).astype(jnp.int32)
+  if segment_ids is None:  # closed form: pos = j + 1 up to the real length m
+    j = jnp.arange(block_size, dtype=jnp.int32)[None, :]
+    m = jnp.minimum(block_size, time - block_size * jnp.arange(nb, dtype=jnp.int32))[:, None]
+    pos = jnp.minimum(j + 1, m).astype(jnp.float32)[None]
+    run = jnp.where(j < m, 0.0, -1.0).astype(jnp.float32)[None]
+    return pos, run
+  seg = jnp.asarray(segment_ids).astype(jnp.int32)
   seg = jnp.pad(seg, ((0, 0), (0, tp - time)))  # internal tail = padding
   bm = seg.shape[0]
   real = seg != 0
