@@ -6,12 +6,15 @@ devices; the mesh is built over them, the step is lowered with ``jax.ShapeDtypeS
 carry their shardings (parameters come from :func:`m1_jax.model.abstract_model`, so nothing is
 allocated) and compiled by the real TPU compiler (Pallas kernels through Mosaic). The report holds
 ``compiled.memory_analysis()`` (per-device argument / output / temporary bytes), the HBM of the chip,
-``compiled.cost_analysis()`` FLOPs, and the compile time.
+the step's model FLOPs (:func:`m1_jax.flops.step_flops`) next to ``compiled.cost_analysis()`` FLOPs
+(XLA counts the body of a loop once, so with the scanned layers it reports about one period), and the
+compile time.
 
 Steps:
 
 * ``train``: next-token cross entropy + ``router_aux_loss_coef`` x MoE load-balancing loss, gradients,
-  an ``optax.adamw`` update (parameters and both moments in ``param_dtype``); state donated.
+  an ``optax.adamw`` update (parameters and both moments in ``param_dtype``); state donated; ``remat``
+  rematerialises each layer period in the backward pass.
 * ``forward``: logits for ``[batch, seq_len]`` tokens.
 * ``decode``: one token per row against an inference cache of ``context`` tokens (lightning states +
   softmax KV caches, :mod:`m1_jax.cache`).
@@ -32,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m1_jax import sharding
 from m1_jax.config import M1Config
+from m1_jax.flops import step_flops
 from m1_jax.model import abstract_model
 
 log = logging.getLogger(__name__)
@@ -82,7 +86,8 @@ class AotReport:
     alias_bytes: int
     generated_code_bytes: int
     hbm_bytes: int | None
-    flops: float | None
+    flops: float | None  # XLA's cost analysis, per device: a loop body (the layer scan) is counted once
+    model_flops: float  # m1_jax.flops.step_flops: the step's model FLOPs over all devices
     note: str = ""
 
     @property
@@ -117,8 +122,10 @@ class AotReport:
             f"  temporaries   {gb(self.temp_bytes)}",
             f"  code          {gb(self.generated_code_bytes)}",
             f"  total need    {gb(self.total_bytes)} of {hbm} HBM: {fits}",
-            f"FLOPs per step  {self.flops:.4g} per device, {self.flops * self.devices:.4g} total"
-            if self.flops else "FLOPs per step  not reported",
+            f"FLOPs per step  {self.model_flops:.4g} model FLOPs ({self.model_flops / self.devices:.4g} per device; "
+            f"m1_jax.flops)",
+            f"XLA cost        {self.flops:.4g} FLOPs per device (loop bodies, e.g. the layer scan, counted once)"
+            if self.flops else "XLA cost        not reported",
         ]
         if self.note:
             lines.append(f"note            {self.note}")
@@ -130,10 +137,12 @@ def _tokens(mesh, batch: int, length: int):
     return jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sh)
 
 
-def _train_step(graphdef, cfg: M1Config, tx):
+def _train_step(graphdef, cfg: M1Config, tx, remat: str):
+    kw = {} if remat == "none" else {"remat": remat}  # M1Model.run_layers(remat=): per-period checkpointing
+
     def loss_fn(params, tokens):
         model = nnx.merge(graphdef, params)
-        logits, extras = model(tokens[:, :-1], return_aux=True)
+        logits, extras = model(tokens[:, :-1], return_aux=True, **kw)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
         return ce + cfg.router_aux_loss_coef * extras["aux_loss"], ce
 
@@ -149,7 +158,8 @@ def _sds(tree, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
 
 
-def _lower(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, context: int, model_kw: dict):
+def _lower(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, context: int, model_kw: dict,
+           remat: str = "none"):
     """-> (lowered computation, note for the report)."""
     model = abstract_model(cfg, **model_kw)
     model.mesh = mesh  # the forward then constrains activations and runs the expert-parallel MoE
@@ -161,7 +171,7 @@ def _lower(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, context:
         tx = optax.adamw(1e-4, weight_decay=0.1)
         opt_state = jax.eval_shape(tx.init, params)
         opt_sh = _optimizer_shardings(opt_state, params, param_sh, replicated)
-        step = _train_step(graphdef, cfg, tx)
+        step = _train_step(graphdef, cfg, tx, remat)
         fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, replicated))
         return fn.lower(params, _sds(opt_state, opt_sh), _tokens(mesh, batch, seq_len + 1)), ""
     if mode == "forward":
@@ -205,7 +215,7 @@ def _lower_decode(cfg: M1Config, mesh, graphdef, params, *, batch: int, context:
 
 def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int = 1, seq_len: int = 8192,
          context: int = 1 << 20, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-         lightning_impl: str = "auto") -> AotReport:
+         lightning_impl: str = "auto", remat: str = "none") -> AotReport:
     """Compiles ``mode`` for ``topology`` and returns the per-device report."""
     from pallas_kernels.lightning import tpu_target
 
@@ -218,7 +228,8 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
     model_kw = dict(param_dtype=param_dtype, dtype=dtype, lightning_impl=lightning_impl)
     t0 = time.perf_counter()
     with tpu_target():
-        lowered, note = _lower(cfg, mesh, mode, batch=batch, seq_len=seq_len, context=context, model_kw=model_kw)
+        lowered, note = _lower(cfg, mesh, mode, batch=batch, seq_len=seq_len, context=context, model_kw=model_kw,
+                               remat=remat)
         compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -234,4 +245,5 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
         temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
         generated_code_bytes=int(mem.generated_code_size_in_bytes),
         hbm_bytes=None if hbm is None else hbm * GiB, flops=float(cost["flops"]) if "flops" in cost else None,
-        note=note)
+        model_flops=step_flops(cfg, mode, batch=batch, seq_len=seq_len, context=context),
+        note=note if remat == "none" else f"remat {remat}; {note}".rstrip("; "))

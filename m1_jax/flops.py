@@ -65,6 +65,17 @@ class FlopModel:
         return g * self.constant + self.attn_per_context_token * g * (g - 1) / 2
 
 
+def step_flops(cfg: M1Config, mode: str, *, batch: int, seq_len: int, context: int) -> float:
+    """Model FLOPs of one step (all devices): ``forward`` over ``batch x seq_len`` tokens (causal
+    attention: sum of F(t) over the positions), ``train`` = 3 x forward (backward = 2 x forward; a
+    rematerialised forward is not counted), ``decode`` = one token per row at position ``context``."""
+    m = m1_flop_model(cfg)
+    if mode == "decode":
+        return batch * float(m.per_token(context))
+    fwd = batch * float(m.cumulative(seq_len))
+    return 3 * fwd if mode == "train" else fwd
+
+
 def m1_flop_model(cfg: M1Config) -> FlopModel:
     c = param_counts(cfg)
     return FlopModel(name="MiniMax-M1", active_params=c["active"] + c["lm_head"],

@@ -24,6 +24,8 @@ def add_arguments(p):
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
     p.add_argument("--lightning-impl", choices=("auto", "xla", "pallas"), default="auto",
                    help="lightning attention: auto = the Pallas TPU kernels")
+    p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none",
+                   help="train: rematerialise each layer period in the backward pass (jax.checkpoint policy)")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
 
 
@@ -40,7 +42,7 @@ def run(args) -> int:
     print(f"compiling {args.mode} for {args.topology} (mesh {args.mesh}) ...", flush=True)
     report = aot.plan(cfg, args.topology, args.mesh, args.mode, batch=batch, seq_len=args.seq_len,
                       context=args.context, param_dtype=param_dtype, dtype=DTYPES[args.dtype],
-                      lightning_impl=args.lightning_impl)
+                      lightning_impl=args.lightning_impl, remat=args.remat)
     print(report.table())
     if args.json:
         with open(args.json, "w") as f:

@@ -48,3 +48,11 @@ def test_m1_flops_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "F(t) = 2*N_active" in out and "at 100,000 generated tokens M1 needs 22.2%" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_flops(cfg):
+    m1 = flops.m1_flop_model(cfg)
+    fwd = flops.step_flops(cfg, "forward", batch=3, seq_len=100, context=0)
+    assert fwd == pytest.approx(3 * np.sum(m1.per_token(np.arange(100))))
+    assert flops.step_flops(cfg, "train", batch=3, seq_len=100, context=0) == pytest.approx(3 * fwd)
+    assert flops.step_flops(cfg, "decode", batch=2, seq_len=1, context=5000) == pytest.approx(2 * m1.per_token(5000))
