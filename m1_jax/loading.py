@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from m1_jax import sharding
 from m1_jax.config import M1Config
 from m1_jax.convert import keys as key_table
+from m1_jax.convert.manifest import is_converted
+from m1_jax.convert.restore import restore_model
 from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from m1_jax.model import M1Model, abstract_model
 
@@ -77,7 +79,8 @@ def load_state(cfg: M1Config, ckpt: SafetensorsCheckpoint, abstract: M1Model, *,
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, progress: bool = False,
                     mesh=None, **model_kw) -> M1Model:
     """Loads a MiniMax-M1 checkpoint directory (config.json + safetensors, single file or sharded,
-    original or transformers-5 key names) into an :class:`M1Model`.
+    original or transformers-5 key names), or a directory written by ``m1 convert`` (restored by Orbax,
+    :mod:`m1_jax.convert.restore`), into an :class:`M1Model`.
 
     ``dtype``: compute dtype (float32 logits either way). ``param_dtype``: storage dtype, default as
     stored in the checkpoint. ``mesh``: a :class:`jax.sharding.Mesh` or a spec such as
@@ -88,6 +91,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
+    if is_converted(path):  # an `m1 convert` output: Orbax restores it straight into the model's layout
+        return restore_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **model_kw)
     cfg = M1Config.from_json(os.path.join(path, "config.json"))
     ckpt = SafetensorsCheckpoint(path)
     if param_dtype is None:
