@@ -244,6 +244,10 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     state_dir = os.path.join(dst, mf.STATE_DIR)
     os.makedirs(state_dir, exist_ok=True)
     arrays = {p: ow.create_array(state_dir, t.name, t.shape, t.dtype, t.chunks) for p, t in tgts.items()}
+    for t in tgts.values():  # chunk files a kill cut short (never under a chunk's own name)
+        for entry in os.scandir(os.path.join(state_dir, t.name)):
+            if entry.name.endswith(".partial"):
+                os.remove(entry.path)
     manifest = mf.Manifest(dst)
     sizes = {k: src.info(k).nbytes for k, _ in jobs}
     done_bytes = sum(sizes[k] for k, _ in jobs if k in manifest.done)

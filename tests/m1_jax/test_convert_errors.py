@@ -145,3 +145,41 @@ def test_cut_manifest_line_is_redone(golden_dir, tmp_path, clean):
     convert(golden_dir / "sharded", dst, resume=True, progress=False)
     assert len(mf.Manifest(str(dst)).done) == 79
     assert_same_arrays(converted_arrays(dst), clean)
+
+
+KILLER = """
+import os, signal, sys
+import m1_jax.convert.convert as c
+import m1_jax.convert.manifest as mf
+
+mf.Manifest.__init__.__defaults__ = (0.0,)  # record every finished tensor at once
+real, n = c.write_tensor, [0]
+
+def write_then_die(*args):
+    if n[0] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    n[0] += 1
+    return real(*args)
+
+c.write_tensor = write_then_die
+c.convert(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def test_killed_process_resumes_to_the_clean_result(golden_dir, tmp_path, monkeypatch, clean):
+    import subprocess
+    import sys
+
+    dst = tmp_path / "dst"
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(golden_dir / "sharded"), str(dst), "40"],
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert not (dst / mf.COMPLETE_FILE).exists()
+    assert len(mf.Manifest(str(dst)).done) == 40
+    written, real = [], convert_mod.write_tensor
+    monkeypatch.setattr(convert_mod, "write_tensor", lambda *a: written.append(a[2]) or real(*a))
+    convert(golden_dir / "sharded", dst, resume=True, progress=False)
+    assert len(written) == 79 - 40
+    assert (dst / mf.COMPLETE_FILE).exists()
+    assert not list((dst / mf.STATE_DIR).glob("*/*.partial"))
+    assert_same_arrays(converted_arrays(dst), clean)
