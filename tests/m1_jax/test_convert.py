@@ -131,3 +131,26 @@ def test_export_then_convert_round_trips_bit_for_bit(sharded_dst, golden_dir, tm
     again = tmp_path / "again"
     convert(out, again, progress=False)
     assert_same_arrays(converted_arrays(sharded_dst), converted_arrays(again))
+
+
+def test_export_reads_an_orbax_written_state(sharded_dst, tmp_path):
+    """The same state saved by Orbax itself (OCDBT, as training checkpoints are) exports identically."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from m1_jax.convert.restore import restore_model
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in ("config.json", mf.RECORD_FILE, mf.COMPLETE_FILE):
+        shutil.copyfile(sharded_dst / f, ckpt / f)
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(ckpt / mf.STATE_DIR, nnx.state(restore_model(sharded_dst)))
+    assert ow.read_metadata(str(ckpt / mf.STATE_DIR))["use_ocdbt"]
+    export(sharded_dst, tmp_path / "a", progress=False)
+    export(ckpt, tmp_path / "b", progress=False)
+    a, b = SafetensorsCheckpoint(tmp_path / "a"), SafetensorsCheckpoint(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a.keys():
+        assert a.read(key).tobytes() == b.read(key).tobytes(), key
