@@ -45,7 +45,7 @@ def make_inputs(seed, b, t, h, d, dtype=jnp.float32, dv=None):
 
 
 def packed_segments(b, t, seed):
-  """Segment ids with padding at both ends and in the middle, several segments."""
+  """Segment ids with padding at both ends, between and inside segments, several segments."""
   rng = np.random.default_rng(seed)
   seg = np.zeros((b, t), np.int32)
   for r in range(b):
@@ -54,9 +54,10 @@ def packed_segments(b, t, seed):
       n = int(rng.integers(1, 12))
       seg[r, pos:pos + n] = sid
       pos += n
-      sid += 1
       if rng.random() < 0.3:
-        pos += int(rng.integers(1, 3))  # a padding gap
+        pos += int(rng.integers(1, 3))  # a padding gap (inside a segment when sid stays)
+      if rng.random() < 0.75:
+        sid += 1
     if t > 6:
       seg[r, -int(rng.integers(1, 4)):] = 0  # trailing padding
   return jnp.asarray(seg)
