@@ -32,8 +32,11 @@ class IncompleteCheckpointError(CheckpointError):
 
 
 def key_table_digest() -> str:
-    """Changes whenever a row of the key table changes (checkpoints record it)."""
-    rows = [(r.hf, r.param, r.layout.__name__, r.shape, r.layer_type, r.canonical) for r in key_table.KEY_TABLE]
+    """Changes whenever a canonical row of the key table changes (checkpoints record it).
+
+    Alias rows (other writers' names for the same weights) do not change what a checkpoint holds.
+    """
+    rows = [(r.hf, r.param, r.layout.__name__, r.shape, r.layer_type) for r in key_table.KEY_TABLE if r.canonical]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 

@@ -183,3 +183,15 @@ def test_killed_process_resumes_to_the_clean_result(golden_dir, tmp_path, monkey
     assert (dst / mf.COMPLETE_FILE).exists()
     assert not list((dst / mf.STATE_DIR).glob("*/*.partial"))
     assert_same_arrays(converted_arrays(dst), clean)
+
+
+def test_checkpoint_of_another_layout_is_refused(golden_dir, tmp_path):
+    dst = tmp_path / "dst"
+    convert(golden_dir / "sharded", dst, progress=False)
+    record = json.loads((dst / mf.RECORD_FILE).read_text())
+    (dst / mf.RECORD_FILE).write_text(json.dumps(dict(record, layout_version=0)))
+    with pytest.raises(CheckpointError, match=r"layout m1-jax-orbax v0, this code reads m1-jax-orbax v1"):
+        m1_jax.from_pretrained(dst)
+    (dst / mf.RECORD_FILE).write_text(json.dumps(dict(record, key_table="0123")))
+    with pytest.raises(CheckpointError, match=r"written with key table 0123"):
+        m1_jax.from_pretrained(dst)
