@@ -17,6 +17,8 @@ COMMANDS = {
     "demo": ("m1_jax.commands.demo", "build a tiny model from configs/, run a forward and a greedy continuation"),
     "convert": ("m1_jax.commands.convert", "convert a Hugging Face / PyTorch checkpoint to an Orbax checkpoint (streaming)"),
     "export": ("m1_jax.commands.export", "export a converted checkpoint to Hugging Face safetensors shards"),
+    "generate": ("m1_jax.commands.generate", "generate text from a prompt (streaming)"),
+    "chat": ("m1_jax.commands.chat", "interactive chat in M1's template, with tools"),
     "aot": ("m1_jax.commands.aot", "compile for a TPU topology on this host: per-device memory, HBM fit, FLOPs"),
     "flops": ("m1_jax.commands.flops", "inference FLOPs vs generation length: M1 against a DeepSeek-R1-shaped model"),
 }

@@ -71,29 +71,38 @@ class M1Model(nnx.Module):
         return sharding.constrain(out, sharding.LOGITS)
 
     def run_layers(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
-                   moe_impl: str | None = None, scan: bool | None = None, collect: bool = False):
-        """All decoder layers -> (x, per-layer outputs [layers, ...] or None, aux loss per layer [layers])."""
+                   moe_impl: str | None = None, scan: bool | None = None, collect: bool = False,
+                   cache=None, step=None):
+        """All decoder layers -> (x, per-layer outputs [layers, ...] or None, aux loss per layer [layers]).
+
+        With ``cache`` (:attr:`m1_jax.cache.Cache.layers`, stacked per period like the parameters) and
+        ``step`` (:class:`m1_jax.cache.CacheStep`) the scan walks the cache with the weights and a fourth
+        element, the updated cache layers, is returned."""
         cfg = self.cfg
         slopes = jnp.asarray(period_slopes(cfg))
         graphdef, state = nnx.split(self.periods)
 
         def body(x, xs):
-            st, sl = xs
+            st, sl, c = xs
             period = nnx.merge(graphdef, st)
-            x, outs, aux = period(x, positions=positions, slopes=sl, segment_ids=segment_ids,
-                                  moe_impl=moe_impl, collect=collect)
-            return x, (outs, aux)
+            kw = dict(positions=positions, slopes=sl, segment_ids=segment_ids, moe_impl=moe_impl, collect=collect)
+            if c is None:
+                x, outs, aux = period(x, **kw)
+            else:
+                x, outs, aux, c = period(x, **kw, cache=c, step=step)
+            return x, (outs, aux, c)
 
         if self.scan_layers if scan is None else scan:
-            x, (outs, aux) = jax.lax.scan(body, x, (state, slopes))
+            x, (outs, aux, cache) = jax.lax.scan(body, x, (state, slopes, cache))
         else:
             ys = []
             for i in range(cfg.num_periods):
-                x, y = body(x, (jax.tree.map(lambda a: a[i], state), slopes[i]))
+                x, y = body(x, jax.tree.map(lambda a: a[i], (state, slopes, cache)))
                 ys.append(y)
-            outs, aux = jax.tree.map(lambda *a: jnp.stack(a), *ys)
+            outs, aux, cache = jax.tree.map(lambda *a: jnp.stack(a), *ys)
         flat = lambda a: a.reshape((cfg.num_hidden_layers,) + a.shape[2:])
-        return x, (flat(outs) if collect else None), flat(aux)
+        result = x, (flat(outs) if collect else None), flat(aux)
+        return result if cache is None else result + (cache,)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,

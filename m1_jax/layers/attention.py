@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m1_jax.cache import key_block
 from m1_jax.config import M1Config
+from m1_jax.layers.blockwise import blockwise_attention
 from m1_jax.layers.common import matmul, param
 from m1_jax.layers.rope import apply_rope
 
@@ -67,3 +69,21 @@ class SoftmaxAttention(nnx.Module):
         mask = attention_mask(idx, idx, segment_ids, segment_ids)
         o = gqa_attention(q, k, v, mask)
         return matmul(o, self.o_proj[...], contract=2, dtype=self.dtype)
+
+    def cached(self, h: jax.Array, keys: jax.Array, values: jax.Array, step) -> tuple[jax.Array, ...]:
+        """Attention of ``h`` [batch, time, hidden] against a KV cache, writing the new keys first.
+
+        ``step`` (:class:`m1_jax.cache.CacheStep`): token ``t`` of row ``b`` is real iff
+        ``t < n_valid[b]`` and goes to slot (and RoPE position) ``start[b] + t``; padding is not
+        written. keys/values [batch, max_len, kv_heads, head_dim] -> (output, keys, values).
+        """
+        B, T = h.shape[:2]
+        S = keys.shape[1]
+        positions = step.positions(T)
+        q, k, v = self.project_qkv(h, positions)
+        slots = jnp.where(step.real(T), positions, S)  # out of range: dropped
+        rows = jnp.arange(B)[:, None]
+        keys = keys.at[rows, slots].set(k.astype(keys.dtype), mode="drop")
+        values = values.at[rows, slots].set(v.astype(values.dtype), mode="drop")
+        o = blockwise_attention(q, keys, values, positions, step.start + step.n_valid, block=key_block(S))
+        return matmul(o, self.o_proj[...], contract=2, dtype=self.dtype), keys, values

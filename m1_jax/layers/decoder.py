@@ -40,18 +40,37 @@ class DecoderLayer(nnx.Module):
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, slopes: jax.Array,
-                 segment_ids: jax.Array | None = None, moe_impl: str | None = None):
-        """-> (output, aux loss). ``slopes`` is only read by lightning layers."""
+                 segment_ids: jax.Array | None = None, moe_impl: str | None = None, cache=None, step=None):
+        """-> (output, aux loss). ``slopes`` is only read by lightning layers.
+
+        With ``cache`` (this layer's slice: the lightning state, or a (keys, values) pair) and ``step``
+        (:class:`m1_jax.cache.CacheStep`) runs against the inference cache and returns
+        ``(output, aux loss, updated cache)``; ``segment_ids`` then marks the real tokens (1) and padding (0)."""
         x = sharding.constrain(x, sharding.HIDDEN)
         h = self.input_layernorm(x.astype(self.dtype))
-        if self.layer_type == LINEAR:
+        if cache is not None:
+            attn, cache = self._cached_attention(h, slopes, segment_ids, cache, step)
+        elif self.layer_type == LINEAR:
             attn, _ = self.self_attn(h, slopes, segment_ids=segment_ids)
         else:
             attn = self.self_attn(h, positions, segment_ids=segment_ids)
         a = self.alpha * h + self.beta * attn
         g = self.post_attention_layernorm(a)
         moe, _, aux = self.block_sparse_moe(g, impl=moe_impl)
-        return sharding.constrain(self.mlp_alpha * g + self.mlp_beta * moe, sharding.HIDDEN), aux
+        out = sharding.constrain(self.mlp_alpha * g + self.mlp_beta * moe, sharding.HIDDEN)
+        return (out, aux) if cache is None else (out, aux, cache)
+
+    def _cached_attention(self, h, slopes, segment_ids, cache, step):
+        if self.layer_type == LINEAR:
+            if h.shape[1] == 1:  # decode: the one-token recurrence; rows without a real token keep their state
+                attn, new = self.self_attn.decode(h, slopes, cache)
+                cache = jnp.where((step.n_valid > 0)[:, None, None, None], new, cache)
+            else:
+                attn, cache = self.self_attn(h, slopes, segment_ids=segment_ids, state=cache)
+        else:
+            attn, keys, values = self.self_attn.cached(h, *cache, step)
+            cache = (keys, values)
+        return attn, cache
 
 
 class Period(nnx.Module):
@@ -62,13 +81,32 @@ class Period(nnx.Module):
                                 for j in range(cfg.period)])
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, slopes: jax.Array,
-                 segment_ids: jax.Array | None = None, moe_impl: str | None = None, collect: bool = False):
+                 segment_ids: jax.Array | None = None, moe_impl: str | None = None, collect: bool = False,
+                 cache=None, step=None):
         """``slopes`` [period, heads] (rows of softmax layers unused) -> (x, per-layer outputs, aux).
 
-        Per-layer outputs are stacked only with ``collect`` (debugging; otherwise ``None``)."""
+        Per-layer outputs are stacked only with ``collect`` (debugging; otherwise ``None``).
+        With ``cache`` = (lightning states [n_lightning, ...], keys [n_softmax, ...], values) of this period
+        (see :mod:`m1_jax.cache`) also returns the updated cache as a fourth element."""
         outs, aux = [], []
+        if cache is not None:
+            states, keys, values = (list(c) for c in cache)
+            n_lin = n_soft = 0
         for j, layer in enumerate(self.layers):
-            x, a = layer(x, positions=positions, slopes=slopes[j], segment_ids=segment_ids, moe_impl=moe_impl)
+            kw = dict(positions=positions, slopes=slopes[j], segment_ids=segment_ids, moe_impl=moe_impl)
+            if cache is None:
+                x, a = layer(x, **kw)
+            elif layer.layer_type == LINEAR:
+                x, a, states[n_lin] = layer(x, **kw, cache=states[n_lin], step=step)
+                n_lin += 1
+            else:
+                x, a, (keys[n_soft], values[n_soft]) = layer(x, **kw, cache=(keys[n_soft], values[n_soft]),
+                                                              step=step)
+                n_soft += 1
             outs.append(x)
             aux.append(a)
-        return x, (jnp.stack(outs) if collect else None), jnp.stack(aux)
+        result = (x, (jnp.stack(outs) if collect else None), jnp.stack(aux))
+        if cache is None:
+            return result
+        stack = lambda xs, like: jnp.stack(xs) if xs else like
+        return result + ((stack(states, cache[0]), stack(keys, cache[1]), stack(values, cache[2])),)

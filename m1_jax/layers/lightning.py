@@ -15,7 +15,7 @@ from m1_jax import sharding
 from m1_jax.config import M1Config
 from m1_jax.layers.common import matmul, param
 from m1_jax.layers.norms import RMSNorm
-from pallas_kernels.lightning import lightning_attention
+from pallas_kernels.lightning import lightning_attention, lightning_decode_step
 
 
 def sharded_lightning(q, k, v, slopes, state, segment_ids, block_size: int, impl: str):
@@ -56,11 +56,22 @@ class LightningAttention(nnx.Module):
     def __call__(self, h: jax.Array, slopes: jax.Array, *, segment_ids: jax.Array | None = None,
                  state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """``h`` [batch, time, hidden] -> (output [batch, time, hidden], final fp32 state)."""
+        q, k, v = self._qkv(h)
+        o, final_state = sharded_lightning(q, k, v, slopes, state, segment_ids, self.cfg.block_size, self.impl)
+        return self._output(h, o), final_state
+
+    def decode(self, h: jax.Array, slopes: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One token per row through the recurrence: ``h`` [batch, 1, hidden] -> (output, new state)."""
+        q, k, v = self._qkv(h)
+        o, new_state = lightning_decode_step(state, q[:, 0], k[:, 0], v[:, 0], slopes)
+        return self._output(h, o[:, None]), new_state
+
+    def _qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         d = self.cfg.head_dim
         qkv = jax.nn.silu(matmul(h, self.qkv_proj[...], dtype=self.dtype))  # [B, T, H, 3d]
-        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
-        o, final_state = sharded_lightning(q, k, v, slopes, state, segment_ids, self.cfg.block_size, self.impl)
+        return qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+
+    def _output(self, h: jax.Array, o: jax.Array) -> jax.Array:
         o = self.norm(o.astype(self.dtype))
         gate = jax.nn.sigmoid(matmul(h, self.output_gate[...], dtype=self.dtype))
-        y = matmul(gate * o, self.out_proj[...], contract=2, dtype=self.dtype)
-        return y, final_state
+        return matmul(gate * o, self.out_proj[...], contract=2, dtype=self.dtype)

@@ -1,0 +1,69 @@
+"""What ``m1 generate`` and ``m1 chat`` share: checkpoint + tokenizer loading and the sampling flags."""
+
+from __future__ import annotations
+
+import os
+
+from m1_jax.sampling import SamplingParams
+
+
+def add_model_arguments(p):
+    p.add_argument("checkpoint", help="checkpoint directory: Hugging Face (config.json + safetensors) or an "
+                                      "'m1 convert' output (Orbax)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's; byte-level for "
+                                                     "vocabularies <= 1024)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="cache length in tokens (default: prompt + --max-new-tokens; chat: 4096)")
+    p.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk length (bounds prefill memory)")
+
+
+def add_sampling_arguments(p, max_new_tokens: int):
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def sampling_params(args, vocab_size: int) -> SamplingParams:
+    """Validated before any model is loaded; messages name the flag."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.max_len is not None and args.max_len < 1:
+        raise ValueError(f"--max-len must be >= 1, got {args.max_len}")
+    return SamplingParams.create(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 vocab_size=vocab_size)
+
+
+def check_checkpoint(path: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+
+
+def load_config_and_tokenizer(args):
+    """(config, tokenizer) of ``args.checkpoint``: cheap, so that bad input fails before the weights load."""
+    from m1_jax.config import M1Config
+    from m1_jax.tokenizer import load_tokenizer
+
+    check_checkpoint(args.checkpoint)
+    cfg = M1Config.from_json(os.path.join(args.checkpoint, "config.json"))
+    return cfg, load_tokenizer(args.tokenizer or args.checkpoint, cfg.vocab_size)
+
+
+def load_model(args):
+    import jax.numpy as jnp
+
+    from m1_jax.loading import from_pretrained
+
+    return from_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)

@@ -1,0 +1,75 @@
+"""Next-token sampling: greedy, temperature, top-k and top-p (nucleus), all on float32 logits.
+
+The knobs are traced values (changing them compiles nothing new); only greedy vs. sampling is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0      # 0: off
+    top_p: float = 1.0  # 1: off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def create(cls, *, temperature=0.0, top_k=None, top_p=None, vocab_size: int | None = None) -> "SamplingParams":
+        """Validated parameters; the messages name the argument (CLI flags use the same names)."""
+        try:
+            temperature = float(temperature)
+        except (TypeError, ValueError):
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}") from None
+        if not temperature >= 0.0 or temperature == float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        if top_k is None:
+            top_k = 0
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be a positive integer (or None / 0 for off), got {top_k!r}")
+        if vocab_size is not None:
+            top_k = min(top_k, vocab_size)
+        if top_p is None:
+            top_p = 1.0
+        try:
+            top_p = float(top_p)
+        except (TypeError, ValueError):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}") from None
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        return cls(temperature, top_k, top_p)
+
+    def arrays(self):
+        return (jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p))
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Sets to -inf what top-k (0 = off) and top-p (1 = off) exclude; [batch, vocab] float32."""
+    V = logits.shape[-1]
+    srt = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth = jnp.take(srt, k - 1, axis=-1)[:, None]
+    probs = jax.nn.softmax(jnp.where(jnp.arange(V)[None] < k, srt, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
+    keep = (before < top_p) & (jnp.arange(V)[None] < k)
+    # the smallest kept logit; the best token is always kept
+    thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    thresh = jnp.maximum(jnp.minimum(thresh, srt[:, :1]), kth)
+    return jnp.where(logits >= thresh, logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, *, greedy: bool) -> jax.Array:
+    """int32 [batch] next tokens from float32 ``logits`` [batch, vocab]."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = logits.astype(jnp.float32) / temperature
+    x = filter_logits(x, top_k, top_p)
+    keys = jax.random.split(key, logits.shape[0])
+    return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)

@@ -1,0 +1,78 @@
+"""``m1 generate`` and ``m1 chat``: streaming output on the golden checkpoint, clear errors on bad input."""
+
+import argparse
+import io
+import json
+
+import numpy as np
+import pytest
+
+from m1_jax import cli
+from m1_jax.tokenizer import ByteTokenizer
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--prompt", "x", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--prompt", "x", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
+    (["--prompt-ids", "1,2,512"], "token id 512 is outside the vocabulary"),
+    (["--prompt-ids", "1,x"], "comma-separated integers"),
+    (["--prompt", "hello world", "--max-len", "4"], "the prompt has 11 tokens, more than --max-len 4"),
+    (["--prompt", "hello", "--max-len", "8", "--max-new-tokens", "9"], "leaves room for 4 new tokens"),
+])
+def test_generate_errors(golden_dir, capsys, extra, match):
+    code, out, err = run_cli(["generate", str(golden_dir), *extra], capsys)
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.startswith("m1 generate: error: ")
+    assert pytest.importorskip("re").search(match, err), err
+
+
+def test_missing_checkpoint_and_bad_tools(tmp_path, golden_dir, capsys):
+    code, _, err = run_cli(["generate", str(tmp_path / "nope"), "--prompt", "x"], capsys)
+    assert code == 2 and "no such checkpoint directory" in err
+    (tmp_path / "tools.json").write_text("{not json")
+    code, _, err = run_cli(["chat", str(golden_dir), "--tools", str(tmp_path / "tools.json")], capsys)
+    assert code == 2 and "--tools" in err and "not valid JSON" in err
+    (tmp_path / "tools.json").write_text(json.dumps([{"description": "no name"}]))
+    code, _, err = run_cli(["chat", str(golden_dir), "--tools", str(tmp_path / "tools.json")], capsys)
+    assert code == 2 and "tools[0]" in err
+
+
+def test_generate_streams_the_greedy_continuation(golden_dir, capsys):
+    inputs = np.load(golden_dir / "inputs.npz")["prompt_ids"][0]
+    greedy = np.load(golden_dir / "outputs.npz")["greedy_tokens"][0]
+    ids = ",".join(map(str, inputs))
+    code, out, err = run_cli(["generate", str(golden_dir), "--prompt-ids", ids, "--max-new-tokens", "8",
+                              "--ignore-eos", "--chunk-size", "8"], capsys)
+    assert code == 0, err
+    assert out == ByteTokenizer(512).decode(greedy.tolist()) + "\n"
+
+
+def test_chat_session_reuses_the_cache(golden_dir, monkeypatch, capsys):
+    from m1_jax.commands.chat import Session
+    from m1_jax.sampling import SamplingParams
+
+    from m1_jax.loading import from_pretrained
+
+    model, tok = from_pretrained(golden_dir), ByteTokenizer(512)
+    args = argparse.Namespace(max_len=256, max_new_tokens=4, seed=0, chunk_size=8, show_reasoning=False)
+    s = Session(model, tok, SamplingParams.create(), args, None, "Be brief.")
+    s.messages.append({"role": "user", "content": "hi"})
+    first = s.reply(out=io.StringIO())
+    assert int(s.cache.lengths[0]) == len(s.seen)
+    seen = list(s.seen)
+    s.messages.append({"role": "tool", "name": "get_time", "content": "12:00"})
+    s.reply(out=io.StringIO())
+    assert s.seen[: len(seen)] == seen  # the second turn extended the first one's cache
+    assert int(s.cache.lengths[0]) == len(s.seen)
+    assert s.messages[2] == {"role": "assistant", "content": first}
+    assert s.history[: len(s.seen)] == s.seen
