@@ -30,33 +30,30 @@ __all__ = ["block_positions"]
 
 
 def block_positions(segment_ids, time: int, block_size: int):
-  """Returns (pos, run), float32 [B or 1, num_blocks, block_size] each."""
-  nb = -(-time // block_size)
-  tp = nb * block_size
-  if segment_ids is None:  # closed form: pos = j + 1 up to the real length m
-    j = jnp.arange(block_size, dtype=jnp.int32)[None, :]
-    m = jnp.minimum(block_size, time - block_size * jnp.arange(nb, dtype=jnp.int32))[:, None]
-    pos = jnp.minimum(j + 1, m).astype(jnp.float32)[None]
-    run = jnp.where(j < m, 0.0, -1.0).astype(jnp.float32)[None]
+    """Returns (pos, run), float32 [B or 1, num_blocks, block_size] each."""
+    nb = -(-time // block_size)
+    tp = nb * block_size
+    if segment_ids is None:  # closed form: pos = j + 1 up to the real length m
+        j = jnp.arange(block_size, dtype=jnp.int32)[None, :]
+        m = jnp.minimum(block_size, time - block_size * jnp.arange(nb, dtype=jnp.int32))[:, None]
+        pos = jnp.minimum(j + 1, m).astype(jnp.float32)[None]
+        run = jnp.where(j < m, 0.0, -1.0).astype(jnp.float32)[None]
+        return pos, run
+    seg = jnp.asarray(segment_ids).astype(jnp.int32)
+    seg = jnp.pad(seg, ((0, 0), (0, tp - time)))  # internal tail = padding
+    bm = seg.shape[0]
+    real = seg != 0
+    idx = jnp.where(real, jnp.arange(tp, dtype=jnp.int32)[None], -1)
+    last = jax.lax.cummax(idx, axis=1)  # last real index <= t
+    prev_last = jnp.concatenate([jnp.full((bm, 1), -1, jnp.int32), last[:, :-1]], axis=1)
+    prev_id = jnp.where(prev_last >= 0, jnp.take_along_axis(seg, jnp.maximum(prev_last, 0), axis=1), 0)
+    reset = real & (prev_id != 0) & (prev_id != seg)
+    cnt = jnp.cumsum(real.astype(jnp.int32), axis=1).reshape(bm, nb, block_size)
+    run = jnp.cumsum(reset.astype(jnp.int32), axis=1).reshape(bm, nb, block_size)
+    real = real.reshape(bm, nb, block_size)
+    zero = jnp.zeros((bm, 1), jnp.int32)
+    base_cnt = jnp.concatenate([zero, cnt[:, :-1, -1]], axis=1)[..., None]
+    base_run = jnp.concatenate([zero, run[:, :-1, -1]], axis=1)[..., None]
+    pos = (cnt - base_cnt).astype(jnp.float32)
+    run = jnp.where(real, run - base_run, -1).astype(jnp.float32)
     return pos, run
-  seg = jnp.asarray(segment_ids).astype(jnp.int32)
-  seg = jnp.pad(seg, ((0, 0), (0, tp - time)))  # internal tail = padding
-  bm = seg.shape[0]
-  real = seg != 0
-  idx = jnp.where(real, jnp.arange(tp, dtype=jnp.int32)[None], -1)
-  last = jax.lax.cummax(idx, axis=1)  # last real index <= t
-  prev_last = jnp.concatenate(
-      [jnp.full((bm, 1), -1, jnp.int32), last[:, :-1]], axis=1)
-  prev_id = jnp.where(
-      prev_last >= 0,
-      jnp.take_along_axis(seg, jnp.maximum(prev_last, 0), axis=1), 0)
-  reset = real & (prev_id != 0) & (prev_id != seg)
-  cnt = jnp.cumsum(real.astype(jnp.int32), axis=1).reshape(bm, nb, block_size)
-  run = jnp.cumsum(reset.astype(jnp.int32), axis=1).reshape(bm, nb, block_size)
-  real = real.reshape(bm, nb, block_size)
-  zero = jnp.zeros((bm, 1), jnp.int32)
-  base_cnt = jnp.concatenate([zero, cnt[:, :-1, -1]], axis=1)[..., None]
-  base_run = jnp.concatenate([zero, run[:, :-1, -1]], axis=1)[..., None]
-  pos = (cnt - base_cnt).astype(jnp.float32)
-  run = jnp.where(real, run - base_run, -1).astype(jnp.float32)
-  return pos, run

@@ -4,70 +4,68 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.lightning import (
-    lightning_attention, lightning_decode_step, resolve_impl, tpu_target)
+from pallas_kernels.lightning import lightning_attention, lightning_decode_step, resolve_impl, tpu_target
 
 
 def test_validation_errors():
-  q = jnp.ones((1, 5, 2, 4))
-  s = jnp.ones((2,))
-  with pytest.raises(ValueError, match="impl must be one of"):
-    lightning_attention(q, q, q, s, impl="cuda")
-  with pytest.raises(ValueError, match="block_size"):
-    lightning_attention(q, q, q, s, block_size=0)
-  with pytest.raises(ValueError, match="slopes"):
-    lightning_attention(q, q, q, jnp.ones((3,)))
-  with pytest.raises(ValueError, match="k shape"):
-    lightning_attention(q, jnp.ones((1, 5, 2, 3)), q, s)
-  with pytest.raises(ValueError, match="initial_state"):
-    lightning_attention(q, q, q, s, initial_state=jnp.ones((1, 2, 4, 5)))
-  with pytest.raises(ValueError, match="segment_ids"):
-    lightning_attention(q, q, q, s, segment_ids=jnp.ones((1, 4), jnp.int32))
-  with pytest.raises(ValueError, match="segment_ids must be integers"):
-    lightning_attention(q, q, q, s, segment_ids=jnp.ones((1, 5)))
-  with pytest.raises(ValueError, match="q must be"):
-    lightning_attention(q[0], q[0], q[0], s)
-  with pytest.raises(ValueError, match="state"):
-    lightning_decode_step(jnp.ones((1, 2, 4, 3)), q[:, 0], q[:, 0], q[:, 0], s)
+    q = jnp.ones((1, 5, 2, 4))
+    s = jnp.ones((2,))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        lightning_attention(q, q, q, s, impl="cuda")
+    with pytest.raises(ValueError, match="block_size"):
+        lightning_attention(q, q, q, s, block_size=0)
+    with pytest.raises(ValueError, match="slopes"):
+        lightning_attention(q, q, q, jnp.ones((3,)))
+    with pytest.raises(ValueError, match="k shape"):
+        lightning_attention(q, jnp.ones((1, 5, 2, 3)), q, s)
+    with pytest.raises(ValueError, match="initial_state"):
+        lightning_attention(q, q, q, s, initial_state=jnp.ones((1, 2, 4, 5)))
+    with pytest.raises(ValueError, match="segment_ids"):
+        lightning_attention(q, q, q, s, segment_ids=jnp.ones((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids must be integers"):
+        lightning_attention(q, q, q, s, segment_ids=jnp.ones((1, 5)))
+    with pytest.raises(ValueError, match="q must be"):
+        lightning_attention(q[0], q[0], q[0], s)
+    with pytest.raises(ValueError, match="state"):
+        lightning_decode_step(jnp.ones((1, 2, 4, 3)), q[:, 0], q[:, 0], q[:, 0], s)
 
 
 def test_auto_dispatch():
-  want = "pallas" if jax.default_backend() == "tpu" else "xla"
-  assert resolve_impl("auto") == want
-  with tpu_target():
-    assert resolve_impl("auto") == "pallas"
-  assert resolve_impl("reference") == "reference"
+    want = "pallas" if jax.default_backend() == "tpu" else "xla"
+    assert resolve_impl("auto") == want
+    with tpu_target():
+        assert resolve_impl("auto") == "pallas"
+    assert resolve_impl("reference") == "reference"
 
 
 @pytest.mark.parametrize("impl,dtype", [("xla", jnp.float32), ("xla", jnp.bfloat16)])
 def test_prefill_then_decode_equals_one_call(lt, impl, dtype):
-  b, t, n, h, d = 2, 23, 17, 3, 8
-  q, k, v, _, _, _ = lt.make_inputs(21, b, t, h, d, dtype=dtype)
-  slopes = jnp.asarray(lt.SLOPES[[0, 4, 11]])
-  o_all, s_all = lightning_attention(q, k, v, slopes, block_size=8, impl=impl)
-  o_pre, state = lightning_attention(q[:, :n], k[:, :n], v[:, :n], slopes, block_size=8,
-                                     impl=impl)
-  outs = [o_pre]
-  step = jax.jit(lightning_decode_step)
-  for i in range(n, t):
-    o_i, state = step(state, q[:, i], k[:, i], v[:, i], slopes)
-    assert o_i.dtype == dtype and state.dtype == jnp.float32
-    outs.append(o_i[:, None])
-  o_cat = jnp.concatenate(outs, axis=1).astype(jnp.float32)
-  tol = 1e-5 if dtype == jnp.float32 else 1e-2
-  assert lt.rel_err(o_cat, o_all.astype(jnp.float32)) < tol
-  assert lt.rel_err(state, s_all) < 1e-5
+    b, t, n, h, d = 2, 23, 17, 3, 8
+    q, k, v, _, _, _ = lt.make_inputs(21, b, t, h, d, dtype=dtype)
+    slopes = jnp.asarray(lt.SLOPES[[0, 4, 11]])
+    o_all, s_all = lightning_attention(q, k, v, slopes, block_size=8, impl=impl)
+    o_pre, state = lightning_attention(q[:, :n], k[:, :n], v[:, :n], slopes, block_size=8, impl=impl)
+    outs = [o_pre]
+    step = jax.jit(lightning_decode_step)
+    for i in range(n, t):
+        o_i, state = step(state, q[:, i], k[:, i], v[:, i], slopes)
+        assert o_i.dtype == dtype and state.dtype == jnp.float32
+        outs.append(o_i[:, None])
+    o_cat = jnp.concatenate(outs, axis=1).astype(jnp.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert lt.rel_err(o_cat, o_all.astype(jnp.float32)) < tol
+    assert lt.rel_err(state, s_all) < 1e-5
 
 
 def test_decode_step_matches_reference_one_token(lt):
-  q, k, v, s0, _, _ = lt.make_inputs(22, 2, 1, 4, 8)
-  slopes = jnp.asarray(lt.SLOPES[:4])
-  o_ref, s_ref = lightning_attention(q, k, v, slopes, initial_state=s0, impl="reference")
-  o, s = lightning_decode_step(s0, q[:, 0], k[:, 0], v[:, 0], slopes)
-  assert lt.rel_err(o, o_ref[:, 0]) < 1e-6 and lt.rel_err(s, s_ref) < 1e-6
+    q, k, v, s0, _, _ = lt.make_inputs(22, 2, 1, 4, 8)
+    slopes = jnp.asarray(lt.SLOPES[:4])
+    o_ref, s_ref = lightning_attention(q, k, v, slopes, initial_state=s0, impl="reference")
+    o, s = lightning_decode_step(s0, q[:, 0], k[:, 0], v[:, 0], slopes)
+    assert lt.rel_err(o, o_ref[:, 0]) < 1e-6 and lt.rel_err(s, s_ref) < 1e-6
 
 
 def test_empty_time():
-  q = jnp.ones((1, 0, 2, 4))
-  o, s = lightning_attention(q, q, q, jnp.ones((2,)))
-  assert o.shape == (1, 0, 2, 4) and s.shape == (1, 2, 4, 4)
+    q = jnp.ones((1, 0, 2, 4))
+    o, s = lightning_attention(q, q, q, jnp.ones((2,)))
+    assert o.shape == (1, 0, 2, 4) and s.shape == (1, 2, 4, 4)
