@@ -100,7 +100,14 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence | None = None) ->
         raise MeshError(f"--mesh {text!r} needs {total} devices but {n} are available "
                         f"(use -1 for one axis to take the rest)")
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=types)
+    except NotImplementedError:  # an axis is not a product of whole torus axes: let it span part of one
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def as_mesh(mesh: Mesh | str | None) -> Mesh | None:

@@ -15,7 +15,8 @@ Experts are split over the ``expert`` mesh axis (``E / ep`` per shard), tokens o
 
 Dropless: the receive buffer holds the worst case (every token of every expert shard routed here:
 ``ep * tokens * top_k`` rows), so no routing, however uneven, loses a token. The result equals the
-dense reference exactly up to float summation order.
+dense reference exactly up to float summation order. To bound those buffers a device routes its
+tokens in chunks of at most ``chunk_tokens`` (rematerialised in the backward pass).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from m1_jax import sharding
 
 EXPERT = "expert"
+# Tokens per device routed at once: the receive buffer is ep * CHUNK_TOKENS * top_k rows.
+CHUNK_TOKENS = 2048
 
 
 def _exclusive_cumsum(x, axis=-1):
@@ -61,16 +64,45 @@ def _swiglu_grouped(x, group_sizes, w1, w3, w2, dtype):
     return jax.lax.ragged_dot(h, w2.astype(dtype), group_sizes)
 
 
+def _num_chunks(n: int, chunk_tokens: int) -> int:
+    """Fewest chunks of at most ``chunk_tokens`` tokens that split ``n`` evenly (1 if none does)."""
+    for c in range(-(-n // max(chunk_tokens, 1)), n + 1):
+        if n % c == 0:
+            return c
+    return 1
+
+
 def _local_experts(x, weights, experts, w1, w3, w2, *, num_experts: int, ep: int, tensor: int, dtype,
-                   ragged: bool):
-    """Per-device body. x [b, T, D]; weights/experts [b, T, k]; w1/w3 [E/ep, D, I/t]; w2 [E/ep, I/t, D]."""
+                   ragged: bool, chunk_tokens: int):
+    """Per-device body. x [b, T, D]; weights/experts [b, T, k]; w1/w3 [E/ep, D, I/t]; w2 [E/ep, I/t, D].
+
+    The local tokens are processed in chunks of at most ``chunk_tokens`` (``lax.map`` over rematerialised
+    chunks): the worst-case buffers scale with the chunk, not with all tokens of the device."""
     b, T, D = x.shape
     k = experts.shape[-1]
     n = b * T
+    args = (x.reshape(n, D), weights.reshape(n, k), experts.reshape(n, k))
+    routed = functools.partial(_routed, w1=w1, w3=w3, w2=w2, num_experts=num_experts, ep=ep, dtype=dtype,
+                               ragged=ragged)
+    c = _num_chunks(n, chunk_tokens)
+    if c == 1:
+        out = routed(*args)
+    else:
+        chunks = [a.reshape((c, n // c) + a.shape[1:]) for a in args]
+        out = jax.lax.map(jax.checkpoint(lambda a: routed(*a)), chunks).reshape(n, D)
+    if tensor > 1:
+        out = jax.lax.psum(out, "tensor")
+    return out.reshape(b, T, D)
+
+
+def _routed(x, weights, experts, *, w1, w3, w2, num_experts: int, ep: int, dtype, ragged: bool):
+    """x [n, D], weights/experts [n, k] -> [n, D] (partial over ``tensor`` when the width is split)."""
+    n, D = x.shape
+    k = experts.shape[-1]
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
-    xs = x.reshape(n, D).astype(dtype)[token]  # [n*k, D], sorted by expert
+    xs = x.astype(dtype)[token]  # [n*k, D], sorted by expert
     counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
     if ep == 1:
         y = _swiglu_grouped(xs, counts, w1, w3, w2, dtype)
@@ -104,17 +136,16 @@ def _local_experts(x, weights, experts, w1, w3, w2, *, num_experts: int, ep: int
         y_recv = jnp.zeros_like(y_sorted).at[perm].set(y_sorted)
         y = exchange(y_recv, jnp.zeros((n * k, D), dtype), recv_offsets, recv, back_offsets, send)
     y = y * weights.reshape(-1)[order][:, None].astype(dtype)
-    out = jnp.zeros((n, D), dtype).at[token].add(y)
-    if tensor > 1:
-        out = jax.lax.psum(out, "tensor")
-    return out.reshape(b, T, D)
+    return jnp.zeros((n, D), dtype).at[token].add(y)
 
 
-def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = None, ragged: bool | None = None):
+def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = None, ragged: bool | None = None,
+                    chunk_tokens: int = CHUNK_TOKENS):
     """The routed experts over ``mesh`` (default: the active mesh). x [B, T, D]; weights/experts
     [B, T, k]; w1/w3 [E, D, I]; w2 [E, I, D] -> [B, T, D].
 
     ``ragged``: use ``jax.lax.ragged_all_to_all`` (default: when the mesh's devices are TPUs).
+    ``chunk_tokens``: tokens per device exchanged at once (bounds the worst-case buffers).
     """
     mesh = mesh or sharding.active_mesh()
     E = w1.shape[0]
@@ -128,6 +159,7 @@ def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = 
         tok = sharding.spec(("batch", "length", None), x.shape)
         w_in = sharding.spec(("experts", None, "mlp"), w1.shape)
         w_out = sharding.spec(("experts", "mlp", None), w2.shape)
-    body = functools.partial(_local_experts, num_experts=E, ep=ep, tensor=t, dtype=dtype, ragged=ragged)
+    body = functools.partial(_local_experts, num_experts=E, ep=ep, tensor=t, dtype=dtype, ragged=ragged,
+                             chunk_tokens=chunk_tokens)
     return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
         x, weights, experts, w1, w3, w2)

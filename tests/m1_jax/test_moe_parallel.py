@@ -34,12 +34,14 @@ def _dense(x, w, experts, w1, w3, w2):
     return out.reshape(x.shape)
 
 
-@pytest.mark.parametrize("spec", ["data=8", "fsdp=2,expert=2,tensor=2", "expert=4,tensor=2"])  # every ep | E
-def test_shard_map_moe_equals_dense_uneven_routing(problem, spec):
+@pytest.mark.parametrize("spec, chunk", [("data=8", 2048), ("fsdp=2,expert=2,tensor=2", 2048),
+                                         ("expert=4,tensor=2", 4)])  # every ep | E; chunked routing
+def test_shard_map_moe_equals_dense_uneven_routing(problem, spec, chunk):
     mesh = sharding.make_mesh(spec)
     ex = problem["experts"]
     args = (problem["x"], problem["w"], problem["w1"], problem["w3"], problem["w2"])
-    sharded = lambda x, w, w1, w3, w2: experts_sharded(x, w, ex, w1, w3, w2, jnp.float32, mesh=mesh)
+    sharded = lambda x, w, w1, w3, w2: experts_sharded(x, w, ex, w1, w3, w2, jnp.float32, mesh=mesh,
+                                                       chunk_tokens=chunk)
     dense = lambda x, w, w1, w3, w2: _dense(x, w, ex, w1, w3, w2)
     # a loss that weighs every output element differently, so gradients see every row
     probe = jax.random.normal(jax.random.key(1), (B, T, D))
@@ -122,3 +124,10 @@ def test_expert_axis_must_divide_experts(problem):
     with pytest.raises(sharding.MeshError, match="expert=8 does not divide num_local_experts=4"):
         experts_sharded(problem["x"], problem["w"], problem["experts"], problem["w1"], problem["w3"],
                         problem["w2"], jnp.float32, mesh=mesh)
+
+
+def test_chunking_splits_tokens_evenly():
+    from m1_jax.layers.moe_parallel import _num_chunks
+
+    assert _num_chunks(10, 4) == 5 and _num_chunks(8192, 2048) == 4 and _num_chunks(7, 100) == 1
+    assert _num_chunks(13, 4) == 13  # prime: one token per chunk rather than an uneven split
