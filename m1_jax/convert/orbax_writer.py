@@ -139,10 +139,3 @@ def write_chunk(array_dir: str, coords: tuple[int, ...], value: np.ndarray, chun
         f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
     os.replace(path + ".partial", path)
 
-
-def row_pieces(shape: tuple[int, ...], chunks: tuple[int, ...], n_slot_dims: int):
-    """Ranges ``(a, b)`` along axis ``n_slot_dims`` of a slot, one per chunk (the whole slot if scalar)."""
-    if len(shape) == n_slot_dims:
-        return [(None, None)]
-    n, step = shape[n_slot_dims], chunks[n_slot_dims]
-    return [(a, min(a + step, n)) for a in range(0, n, step)]

@@ -23,8 +23,7 @@ def converted_arrays(dst):
     """{orbax parameter name: np.ndarray} of every array in a converted directory."""
     state_dir = dst / mf.STATE_DIR
     meta = ow.read_metadata(str(state_dir))
-    names = [".".join(json.loads(json.dumps(v["key_metadata"])) and [k["key"] for k in v["key_metadata"]])
-             for v in meta["tree_metadata"].values()]
+    names = [".".join(k["key"] for k in v["key_metadata"]) for v in meta["tree_metadata"].values()]
     return {n: ow.open_array(str(state_dir), n, meta).read().result() for n in names}
 
 
