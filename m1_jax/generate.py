@@ -51,7 +51,9 @@ def _forward(model, cache: Cache, ids: jax.Array, n_valid: jax.Array) -> tuple[C
     return Cache(*layers, lengths=cache.lengths + n_valid), logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+# The cache argument is donated: its buffers are reused for the updated cache (no second copy of the KV
+# caches on the device), so a cache passed to prefill / decode_step / generate is consumed.
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _forward_jit(graphdef, params, cache, ids, n_valid):
     TRACES["forward", ids.shape] += 1
     return _forward(nnx.merge(graphdef, params), cache, ids, n_valid)
@@ -108,6 +110,7 @@ def prefill(model, prompt_ids, *, lengths=None, cache: Cache | None = None, max_
     """Feeds prompts into ``cache`` (a new one of ``max_len`` slots when None) in chunks.
 
     Continues on top of an existing cache (multi-turn): each row's new tokens follow its ``lengths``.
+    The cache passed in is consumed (its buffers are donated to the result).
     Returns (cache, float32 logits [batch, vocab] at each row's last prompt token).
     """
     ids, lens = as_batch(prompt_ids, lengths)
@@ -139,7 +142,7 @@ def prefill(model, prompt_ids, *, lengths=None, cache: Cache | None = None, max_
 
 def decode_step(model, cache: Cache, tokens, valid=None) -> tuple[Cache, jax.Array]:
     """Feeds one token per row (``valid`` bool [batch]: rows to advance, default all) ->
-    (cache, float32 logits [batch, vocab])."""
+    (cache, float32 logits [batch, vocab]). The cache passed in is consumed (donated)."""
     tokens = jnp.asarray(tokens, jnp.int32).reshape(-1, 1)
     n_valid = jnp.ones((tokens.shape[0],), jnp.int32) if valid is None else jnp.asarray(valid).astype(jnp.int32)
     if (np.asarray(cache.lengths) + np.asarray(n_valid) > cache.max_len).any():
@@ -172,7 +175,8 @@ def _stop_hit(tokens, i, stop):
     return jnp.any(match, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_buf", "greedy", "return_logits"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_buf", "greedy", "return_logits"),
+                   donate_argnames=("cache",))
 def _generate_loop(graphdef, params, cache, logits, key, max_new, sp_arrays, pad_id, stop, *, n_buf, greedy,
                    return_logits):
     TRACES["generate_loop", n_buf] += 1
@@ -245,8 +249,9 @@ def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0
     (argmax); otherwise sampling with optional ``top_k`` / ``top_p`` (nucleus), seeded by ``seed``.
     A row stops after ``eos_token_id`` (one id or several) or after any ``stop`` sequence of token ids
     (the stopping tokens are included); later positions hold ``pad_token_id`` (default: the first eos
-    id, else 0). ``cache``: continue on top of an existing cache (multi-turn; ``return_cache`` gives it
-    back). With any ``return_*`` flag a :class:`Generation` is returned instead of the tokens.
+    id, else 0). ``cache``: continue on top of an existing cache (multi-turn; it is consumed, and
+    ``return_cache`` gives the extended one back). With any ``return_*`` flag a :class:`Generation` is
+    returned instead of the tokens.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -283,7 +288,8 @@ def stream(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0, 
            top_p: float | None = None, seed: int = 0, eos_token_id=None, stop=None, cache: Cache | None = None,
            max_len: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> Iterator[tuple[int, Cache]]:
     """One prompt, tokens yielded as they come: ``(token, cache)`` per step (a jitted fixed-shape step,
-    compiled once). Stops after eos / a stop sequence (yielded) or ``max_new_tokens``."""
+    compiled once). Stops after eos / a stop sequence (yielded) or ``max_new_tokens``. Each yielded
+    cache is consumed by the next step: keep the last one."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     sp = SamplingParams.create(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=model.cfg.vocab_size)
