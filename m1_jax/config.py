@@ -14,6 +14,7 @@ Anything the model cannot run is rejected with a :class:`ConfigError` naming the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping
@@ -161,7 +162,7 @@ class M1Config:
     def num_softmax_layers(self) -> int:
         return sum(t == FULL for t in self.layer_types)
 
-    @property
+    @functools.cached_property
     def period(self) -> int:
         """Length of the repeating layer pattern (8 for M1); the layer stack is scanned over periods."""
         n = self.num_hidden_layers
