@@ -105,7 +105,8 @@ def test_parse_round_trips_through_the_template():
 
 @pytest.mark.parametrize("text, content, calls", [
     ("plain answer", "plain answer", 0),
-    ("<tool_calls>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}\n</tool_calls>", '{"name": "f", "arguments": {"x": 1}', 0),
+    ("<tool_calls>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}\n</tool_calls>",  # unbalanced braces
+     '{"name": "f", "arguments": {"x": 1}', 0),
     ("<tool_calls>\nnot json at all\n{\"name\": \"g\", \"arguments\": {}}\n</tool_calls>", "not json at all", 1),
     ("<tool_calls>\n[1, 2]\n{\"arguments\": {}}\n\"str\"\n</tool_calls>", '[1, 2]\n{"arguments": {}}\n"str"', 0),
     ("<tool_calls>\n{\"name\": \"f\", \"arguments\": \"{\\\"a\\\": 2}\"}", "", 1),  # unterminated block
