@@ -21,6 +21,15 @@ from m1_jax.layers.norms import RMSNorm
 from pallas_kernels.lightning import m1_slopes
 
 
+# Rematerialisation policies of one layer period (``M1Model.run_layers(remat=)``).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @functools.lru_cache(maxsize=32)
 def period_slopes(cfg: M1Config) -> np.ndarray:
     """float32 [num_periods, period, heads]: decay slopes by *global* layer index (zeros for softmax layers)."""
@@ -72,8 +81,12 @@ class M1Model(nnx.Module):
 
     def run_layers(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                    moe_impl: str | None = None, scan: bool | None = None, collect: bool = False,
-                   cache=None, step=None):
+                   cache=None, step=None, remat: str = "none"):
         """All decoder layers -> (x, per-layer outputs [layers, ...] or None, aux loss per layer [layers]).
+
+        ``remat`` rematerialises each layer period in the backward pass (:data:`REMAT_POLICIES`):
+        ``"none"`` keeps all activations, ``"full"`` only the period's input, ``"dots"`` /
+        ``"dots_no_batch"`` also the matmul outputs (``jax.checkpoint_policies``).
 
         With ``cache`` (:attr:`m1_jax.cache.Cache.layers`, stacked per period like the parameters) and
         ``step`` (:class:`m1_jax.cache.CacheStep`) the scan walks the cache with the weights and a fourth
@@ -92,6 +105,10 @@ class M1Model(nnx.Module):
                 x, outs, aux, c = period(x, **kw, cache=c, step=step)
             return x, (outs, aux, c)
 
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         if self.scan_layers if scan is None else scan:
             x, (outs, aux, cache) = jax.lax.scan(body, x, (state, slopes, cache))
         else:
@@ -107,13 +124,14 @@ class M1Model(nnx.Module):
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, return_aux: bool = False,
-                 moe_impl: str | None = None, scan: bool | None = None, collect: bool = False):
+                 moe_impl: str | None = None, scan: bool | None = None, collect: bool = False,
+                 remat: str = "none"):
         """``input_ids`` int [batch, time] -> float32 logits [batch, time, vocab].
 
         ``positions`` (default ``arange(time)``) feed the rotary embedding; ``segment_ids`` mark packed
         documents (0 = padding): lightning states reset and softmax attention stays within a document.
         With ``return_aux`` returns ``(logits, {"aux_loss": mean over layers, "aux_loss_per_layer",
-        "layer_outputs" (with ``collect``)})``.
+        "layer_outputs" (with ``collect``)})``. ``remat``: see :meth:`run_layers`.
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -126,7 +144,7 @@ class M1Model(nnx.Module):
         with sharding.activate(self.mesh):
             x = self.embed(input_ids)
             x, outs, aux = self.run_layers(x, positions=positions, segment_ids=segment_ids, moe_impl=moe_impl,
-                                           scan=scan, collect=collect)
+                                           scan=scan, collect=collect, remat=remat)
             logits = self.logits(x)
         if not return_aux:
             return logits

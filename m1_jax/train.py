@@ -1,0 +1,283 @@
+"""Training: the loss, the optimizer, and the jit-compiled sharded train step.
+
+Loss: next-token cross entropy in float32 over the tokens whose ``loss_mask`` is 1, plus
+``router_aux_loss_coef`` times the MoE load-balancing loss, plus an optional z-loss
+(``z * mean(logsumexp(logits)^2)``). Gradients are summed over ``micro_batches`` slices of the batch
+(each slice takes every ``micro_batches``-th row, so every device keeps working on its own rows) and
+normalised by the batch's total token count, so accumulation gives the gradient of the whole batch.
+
+Optimizer: global-norm clipping, then AdamW with linear warmup and cosine decay; no weight decay on
+normalisation weights. Master weights are ``model.param_dtype`` (float32); compute is ``model.dtype``.
+
+The train state is the state of ``(model, nnx.Optimizer)`` (parameters, optimizer moments, step). The step
+is one ``jax.jit`` with explicit input and output shardings from :mod:`m1_jax.sharding` (parameters and
+moments by the logical-axis rules, the batch split over ``data x fsdp x expert``). A non-finite loss or
+gradient norm leaves the state unchanged (``ok`` is 0 in the metrics); the loop then stops or skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from m1_jax import sharding
+from m1_jax.config import M1Config
+from m1_jax.model import M1Model
+from m1_jax.run_config import OptimizerSection
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+# ----------------------------------------------------------------------------------- loss
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 (cross entropy, logsumexp), each [batch, time]."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return lse - picked, lse
+
+
+def forward(model: M1Model, batch: dict, *, remat: str = "none"):
+    """-> (logits, extras) for a packed batch (``segment_ids``/``positions`` when present)."""
+    return model(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                 return_aux=True, remat=remat)
+
+
+def loss_sums(model: M1Model, batch: dict, *, remat: str = "none") -> dict[str, jax.Array]:
+    """Sums over the masked tokens of one (micro-)batch: ``ce``, ``z`` (logsumexp^2), ``tokens``; and
+    the batch's mean-over-layers ``aux`` loss."""
+    logits, extras = forward(model, batch, remat=remat)
+    ce, lse = token_losses(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return {"ce": jnp.sum(ce * mask), "z": jnp.sum(jnp.square(lse) * mask), "tokens": jnp.sum(mask),
+            "aux": extras["aux_loss"].astype(jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------- optimizer
+def learning_rate_schedule(opt: OptimizerSection, steps: int) -> optax.Schedule:
+    decay = opt.decay_steps or steps
+    warmup = min(opt.warmup_steps, max(decay - 1, 0))
+    return optax.warmup_cosine_decay_schedule(init_value=0.0 if warmup else opt.lr, peak_value=opt.lr,
+                                              warmup_steps=warmup, decay_steps=max(decay, warmup + 1),
+                                              end_value=opt.lr * opt.min_lr_ratio)
+
+
+def decay_mask(params) -> Any:
+    """True for weights that take weight decay: everything except normalisation weights."""
+    def keep(path, _):
+        return not any("norm" in str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(opt: OptimizerSection, steps: int) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW on the warmup + cosine schedule. The same settings give the same
+    transformation object, so train states built twice share their compiled step."""
+    return _make_optimizer(dataclasses.astuple(opt), steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_optimizer(fields: tuple, steps: int) -> optax.GradientTransformation:
+    opt = OptimizerSection(*fields)
+    schedule = learning_rate_schedule(opt, steps)
+    parts = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm > 0 else []
+    parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------------- flops
+def flops_per_token(cfg: M1Config, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward): 6 x the matmul weights one token
+    touches (active parameters and the output head) plus the attention terms: causal softmax attention
+    (QK^T and PV over on average seq_len/2 keys) and lightning attention (intra-block causal products
+    over on average block/2 keys, and the per-token state update and read, 2 x head_dim^2 per head)."""
+    try:
+        from m1_jax import flops as _flops  # the project-wide formula, when present
+        return float(_flops.train_flops_per_token(cfg, seq_len))
+    except (ImportError, AttributeError):
+        pass
+    from m1_jax.config import param_counts
+
+    c = param_counts(cfg)
+    H, d = cfg.num_attention_heads, cfg.head_dim
+    matmul = 6 * (c["active"] - cfg.hidden_size * (1 + 2 * cfg.num_hidden_layers) + c["lm_head"])
+    softmax = 3 * cfg.num_softmax_layers * 2 * 2 * H * d * (seq_len / 2)
+    block = min(cfg.block_size, seq_len)
+    lightning = 3 * cfg.num_lightning_layers * (2 * 2 * H * d * (block / 2) + 2 * 2 * H * d * d)
+    return float(matmul + softmax + lightning)
+
+
+# Peak dense bf16 FLOP/s per device by ``device_kind`` (public spec sheets), for MFU.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+              "NVIDIA A100": 312e12}
+
+
+def peak_flops(device, configured: float = 0.0) -> float | None:
+    if configured > 0:
+        return configured
+    kind = getattr(device, "device_kind", "")
+    for name, value in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if kind.startswith(name):
+            return value
+    return None
+
+
+# ----------------------------------------------------------------------------------- the step
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    micro_batches: int = 1
+    remat: str = "none"
+    z_loss: float = 0.0
+    aux_coef: float = 0.0
+
+
+def split_micro(batch: dict, m: int) -> dict:
+    """[B, T] -> [m, B/m, T]; micro-batch i holds rows i, i+m, i+2m, ... (local to each data shard)."""
+    def split(x):
+        B = x.shape[0]
+        if B % m:
+            raise ValueError(f"data.micro_batches={m} does not divide the batch of {B} rows")
+        return x.reshape((B // m, m) + x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def train_step_fn(graphdef, opts: StepOptions, schedule: optax.Schedule):
+    """The pure step ``(state, batch) -> (state, metrics)`` over the ``(model, optimizer)`` state."""
+
+    def step(state, batch):
+        old_leaves, treedef = jax.tree.flatten(state)  # before merge: the update mutates the variables
+        model, optimizer = nnx.merge(graphdef, state)
+        mgraph, params, rest = nnx.split(model, nnx.Param, ...)
+        total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        m = opts.micro_batches
+
+        def objective(p, mb):
+            sums = loss_sums(nnx.merge(mgraph, p, rest), mb, remat=opts.remat)
+            obj = sums["ce"] / total + opts.aux_coef * sums["aux"] / m
+            if opts.z_loss:
+                obj = obj + opts.z_loss * sums["z"] / total
+            return obj, sums
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if m == 1:
+            (_, sums), grads = grad_fn(params, batch)
+        else:
+            def acc(carry, mb):
+                (_, s), g = grad_fn(params, mb)
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            zsums = {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "tokens", "aux")}
+            (grads, sums), _ = jax.lax.scan(acc, (zeros, zsums), split_micro(batch, m))
+            sums = dict(sums, aux=sums["aux"] / m)
+        grad_norm = optax.tree.norm(grads)
+        loss = sums["ce"] / total
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(sums["aux"])
+        lr = schedule(optimizer.step[...])
+        optimizer.update(model, grads)
+        new_leaves = jax.tree.leaves(nnx.state((model, optimizer)))
+        new_state = jax.tree.unflatten(treedef, [jnp.where(ok, n, o) for n, o in zip(new_leaves, old_leaves)])
+        metrics = {"loss": loss, "aux_loss": sums["aux"], "z_loss": sums["z"] / total, "grad_norm": grad_norm,
+                   "lr": lr, "tokens": sums["tokens"], "ok": ok.astype(jnp.int32)}
+        return new_state, metrics
+
+    return step
+
+
+_STEP_CACHE: dict = {}
+# XLA options for a fast compile (``train.fast_compile``): no backend optimisation passes.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+class TrainState:
+    """The model + optimizer placed on a mesh, and the compiled train step.
+
+    ``model`` is an :class:`M1Model` (random or pretrained, float32 master weights); ``mesh`` a
+    :class:`jax.sharding.Mesh` from :func:`m1_jax.sharding.make_mesh` (a single device is a mesh too).
+    """
+
+    def __init__(self, model: M1Model, tx: optax.GradientTransformation, mesh, opts: StepOptions,
+                 schedule: optax.Schedule, compiler_options: dict | None = None):
+        sharding.check_mesh(model.cfg, mesh)
+        self.mesh = mesh
+        self.cfg = model.cfg
+        model.mesh = mesh if mesh.size > 1 else None
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self.graphdef, state = nnx.split((model, optimizer))
+        self.state_shardings = sharding.state_shardings(state, mesh)
+        self.state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, self.state_shardings)
+        self.opts = opts
+        self.schedule = schedule
+        self.batch_spec = sharding.logical_to_spec(("batch", "length"), mesh)
+        self.batch_sharding = NamedSharding(mesh, self.batch_spec)
+        key = (self.graphdef, opts, mesh, tuple(sorted((compiler_options or {}).items())))
+        if key not in _STEP_CACHE:  # one compiled step per (model, optimizer, options, mesh)
+            replicated = NamedSharding(mesh, P())
+            _STEP_CACHE[key] = jax.jit(train_step_fn(self.graphdef, opts, schedule),
+                                       in_shardings=(self.state_shardings, self.batch_sharding),
+                                       out_shardings=(self.state_shardings, replicated), donate_argnums=(0,),
+                                       compiler_options=compiler_options or None)
+        self._step = _STEP_CACHE[key]
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(nnx.merge(self.graphdef, self.state)[1].step[...]))
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows -> global arrays split over the mesh's batch axes."""
+        sharding.check_batch(local["inputs"].shape[0] * jax.process_count(), self.mesh)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k], np.int32))
+                for k in BATCH_KEYS if k in local}
+
+    def train_step(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        self.state, metrics = self._step(self.state, batch)
+        return metrics
+
+    def abstract_state(self):
+        """ShapeDtypeStructs with this mesh's shardings (the restore target)."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.state, self.state_shardings)
+
+    def model(self) -> M1Model:
+        return nnx.merge(self.graphdef, self.state)[0]
+
+    def params(self):
+        return nnx.state(self.model(), nnx.Param)
+
+
+def build_train_state(cfg: M1Config, run, mesh, *, model: M1Model | None = None,
+                      compiler_options: dict | None = None) -> TrainState:
+    """A :class:`TrainState` for run config ``run`` (:class:`m1_jax.run_config.RunConfig`).
+
+    ``compiler_options`` go to XLA (e.g. ``{"xla_backend_optimization_level": 0}``: a several times
+    faster compile, for tiny models where compile time dominates)."""
+    from m1_jax.model import init_model
+
+    m = run.model
+    if compiler_options is None and run.train.fast_compile:
+        compiler_options = FAST_COMPILE
+    if model is None:
+        model = init_model(cfg, seed=m.seed, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+                           moe_impl=m.moe_impl, lightning_impl=m.lightning_impl, scan_layers=m.scan_layers)
+    tx = make_optimizer(run.optimizer, run.train.steps)
+    opts = StepOptions(micro_batches=run.data.micro_batches, remat=m.remat, z_loss=run.optimizer.z_loss,
+                       aux_coef=cfg.router_aux_loss_coef)
+    return TrainState(model, tx, mesh, opts, learning_rate_schedule(run.optimizer, run.train.steps),
+                      compiler_options)
+
+
+def mfu(tokens_per_s: float, cfg: M1Config, seq_len: int, n_devices: int, peak: float | None) -> float | None:
+    if not peak:
+        return None
+    return tokens_per_s * flops_per_token(cfg, seq_len) / (peak * n_devices)
+
+

@@ -1,0 +1,186 @@
+"""The training loop of ``m1 train``: data -> sharded steps -> metrics, checkpoints, a sample.
+
+``WORKDIR/metrics.jsonl`` gets one JSON object per step (``step``, ``loss``, ``aux_loss``,
+``grad_norm``, ``lr``, ``tokens_per_s``, ``mfu``, ...), written by process 0; TensorBoard event files
+go to ``WORKDIR/tensorboard`` when ``tensorboardX`` or ``torch.utils.tensorboard`` is importable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from m1_jax import sharding, train
+from m1_jax.checkpoint import Checkpointer, CheckpointError
+from m1_jax.config import M1Config
+from m1_jax.data import make_batches
+from m1_jax.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (a non-finite loss or gradient); the message names the step."""
+
+
+@dataclass
+class Summary:
+    steps: int = 0
+    start_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped: int = 0
+    wall_s: float = 0.0
+    checkpoint_step: int | None = None
+    final_state: object = None  # the TrainState at the end
+
+
+def tensorboard_writer(directory: str):
+    for module in ("tensorboardX", "torch.utils.tensorboard"):
+        try:
+            mod = __import__(module, fromlist=["SummaryWriter"])
+            return mod.SummaryWriter(directory)
+        except Exception:  # noqa: BLE001 - missing package or missing tensorboard backend
+            continue
+    return None
+
+
+def _metrics_file(workdir: str, start_step: int):
+    """Opens metrics.jsonl for appending after dropping lines past ``start_step`` (a resumed run
+    repeats the steps after its checkpoint)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    kept = []
+    if start_step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    continue
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return open(path, "a", buffering=1)
+
+
+def load_model_config(run: RunConfig, init_from: str | None) -> M1Config:
+    from m1_jax.presets import resolve_config
+
+    return resolve_config(init_from if init_from else run.model.config)
+
+
+def pretrained_model(path: str, run: RunConfig):
+    from m1_jax.loading import from_pretrained
+
+    m = run.model
+    return from_pretrained(path, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+                           moe_impl=m.moe_impl, lightning_impl=m.lightning_impl, scan_layers=m.scan_layers)
+
+
+def fit(run: RunConfig, workdir: str, *, resume: bool = False, init_from: str | None = None,
+        progress: bool = True, mesh=None) -> Summary:
+    """Trains ``run.train.steps`` steps (continuing from the latest checkpoint with ``resume``)."""
+    os.makedirs(workdir, exist_ok=True)
+    cfg = load_model_config(run, init_from)
+    mesh = sharding.as_mesh(mesh or run.train.mesh)
+    model = pretrained_model(init_from, run) if init_from else None
+    ts = train.build_train_state(cfg, run, mesh, model=model)
+    batches = make_batches(run.data, vocab_size=cfg.vocab_size)
+    t = run.train
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every,
+                        max_to_keep=t.max_to_keep, async_save=t.async_checkpointing)
+    meta = {"config": cfg.to_dict(), "run": run.to_dict()}
+    summary = Summary()
+    latest = ckpt.latest_step()
+    if resume and latest is not None:
+        state, data_state, saved_meta, step = ckpt.restore(ts.abstract_state())
+        if saved_meta.get("config") != meta["config"]:
+            raise CheckpointError(f"{ckpt.directory}/{step}: saved with another model config than "
+                                  f"{init_from or run.model.config!r}; resume with the same model")
+        ts.state = state
+        batches.set_state(data_state, where=f"{ckpt.directory}/{step}")
+        summary.start_step = step
+        log.info("resumed from %s/%d", ckpt.directory, step)
+    elif latest is not None:
+        raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
+                              "to continue that run, or another --workdir")
+    primary = jax.process_index() == 0
+    metrics_f = _metrics_file(workdir, summary.start_step) if primary else None
+    tb = tensorboard_writer(os.path.join(workdir, "tensorboard")) if primary else None
+    peak = train.peak_flops(mesh.devices.flat[0], t.peak_flops_per_device)
+    t_start = time.perf_counter()
+    bar = tqdm(total=t.steps, initial=summary.start_step, desc="train", unit="step",
+               disable=not (progress and primary))
+    try:
+        for step in range(summary.start_step, t.steps):
+            local = next(batches)
+            t0 = time.perf_counter()
+            metrics = jax.device_get(ts.train_step(ts.global_batch(local)))
+            dt = time.perf_counter() - t0
+            if not metrics["ok"]:
+                if t.on_nan == "stop":
+                    raise TrainingError(f"step {step + 1}: non-finite loss ({float(metrics['loss'])}) or gradient "
+                                        f"norm ({float(metrics['grad_norm'])}); the update was not applied. "
+                                        "Resume from the last checkpoint with a lower optimizer.lr, or set "
+                                        "train.on_nan=skip")
+                summary.skipped += 1
+            tokens = float(metrics["tokens"])
+            record = {"step": step + 1, **{k: float(v) for k, v in metrics.items() if k != "ok"},
+                      "skipped": int(not metrics["ok"]), "step_time_s": dt,
+                      "tokens_per_s": local["inputs"].size * jax.process_count() / dt}
+            record["mfu"] = train.mfu(record["tokens_per_s"], cfg, run.data.seq_len, mesh.size, peak)
+            summary.losses.append(record["loss"])
+            if primary:
+                metrics_f.write(json.dumps(record) + "\n")
+                if tb is not None:
+                    for k in ("loss", "aux_loss", "grad_norm", "lr", "tokens_per_s"):
+                        tb.add_scalar(k, record[k], step + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            if ckpt.save(step + 1, ts.state, batches.get_state(), meta):
+                summary.checkpoint_step = step + 1
+            summary.steps = step + 1
+        if summary.steps and summary.checkpoint_step != summary.steps:
+            ckpt.save(summary.steps, ts.state, batches.get_state(), meta, force=True)
+            summary.checkpoint_step = summary.steps
+        ckpt.wait()
+    finally:
+        bar.close()
+        ckpt.close()
+        if metrics_f is not None:
+            metrics_f.close()
+        if tb is not None:
+            tb.close()
+    summary.wall_s = time.perf_counter() - t_start
+    summary.final_state = ts
+    return summary
+
+
+def sample_from_checkpoint(workdir: str, run: RunConfig, *, prompt: str, max_new_tokens: int,
+                           temperature: float = 0.7, top_k: int = 40, seed: int = 0, init_from=None) -> str:
+    """Restores the latest checkpoint of ``workdir`` on one device and continues ``prompt``."""
+    from m1_jax.data import get_tokenizer
+    from m1_jax.generate import generate
+
+    cfg = load_model_config(run, init_from)
+    one = sharding.make_mesh("data=1", jax.devices()[:1])
+    ts = train.build_train_state(cfg, run, one)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        state, _, _, _ = ckpt.restore(ts.abstract_state())
+    finally:
+        ckpt.close()
+    model = nnx.merge(ts.graphdef, state)[0]
+    model.mesh = None
+    tokenizer = get_tokenizer(run.data.tokenizer if not init_from else init_from, cfg.vocab_size)
+    ids = tokenizer.encode(prompt)
+    out = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    return prompt + tokenizer.decode(np.asarray(out)[0].tolist(), skip_special_tokens=True)
