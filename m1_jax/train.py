@@ -95,24 +95,10 @@ def _make_optimizer(fields: tuple, steps: int) -> optax.GradientTransformation:
 
 # ----------------------------------------------------------------------------------- flops
 def flops_per_token(cfg: M1Config, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward): 6 x the matmul weights one token
-    touches (active parameters and the output head) plus the attention terms: causal softmax attention
-    (QK^T and PV over on average seq_len/2 keys) and lightning attention (intra-block causal products
-    over on average block/2 keys, and the per-token state update and read, 2 x head_dim^2 per head)."""
-    try:
-        from m1_jax import flops as _flops  # the project-wide formula, when present
-        return float(_flops.train_flops_per_token(cfg, seq_len))
-    except (ImportError, AttributeError):
-        pass
-    from m1_jax.config import param_counts
+    """Model training FLOPs per token of a ``seq_len`` row (forward + backward; :mod:`m1_jax.flops`)."""
+    from m1_jax.flops import step_flops
 
-    c = param_counts(cfg)
-    H, d = cfg.num_attention_heads, cfg.head_dim
-    matmul = 6 * (c["active"] - cfg.hidden_size * (1 + 2 * cfg.num_hidden_layers) + c["lm_head"])
-    softmax = 3 * cfg.num_softmax_layers * 2 * 2 * H * d * (seq_len / 2)
-    block = min(cfg.block_size, seq_len)
-    lightning = 3 * cfg.num_lightning_layers * (2 * 2 * H * d * (block / 2) + 2 * 2 * H * d * d)
-    return float(matmul + softmax + lightning)
+    return step_flops(cfg, "train", batch=1, seq_len=seq_len, context=0) / seq_len
 
 
 # Peak dense bf16 FLOP/s per device by ``device_kind`` (public spec sheets), for MFU.

@@ -31,6 +31,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    # XLA's C++ warnings (e.g. SPMD resharding notes) would bury the progress bar; errors still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from m1_jax import distributed
     from m1_jax.run_config import load_run_config
 

@@ -116,10 +116,10 @@ def test_chat_sft_masks_everything_but_replies(tmp_path):
 
 def test_pretokenised_and_errors(tmp_path):
     f = tmp_path / "toks.npz"
-    np.savez(f, tokens=np.arange(40) % 300, doc_lengths=np.array([15, 25]))
+    np.savez(f, tokens=np.arange(40) * 8, doc_lengths=np.array([15, 25]))
     b = next(data.Batches(section(f, shuffle=False, batch_size=2), vocab_size=512))
-    assert b["inputs"][0, :14].tolist() == list(range(14))
-    with pytest.raises(data.DataError, match="toks.npz: token id 299 out of range for vocab_size 256"):
+    assert b["inputs"][0, :14].tolist() == list(range(0, 112, 8))
+    with pytest.raises(data.DataError, match="toks.npz: token id 312 out of range for vocab_size 256"):
         next(data.Batches(section(f, shuffle=False, batch_size=2), vocab_size=256))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": 1}\n')
