@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 GiB = 2 ** 30
 # HBM per chip by TPU generation (GiB).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
-MODES = ("train", "forward", "decode")
+MODES = ("train", "forward", "decode", "prefill")
 
 
 def chip_generation(topology: str) -> str:
@@ -109,8 +109,9 @@ class AotReport:
         gb = lambda b: f"{b / GiB:9.2f} GiB"
         hbm = "unknown" if self.hbm_bytes is None else gb(self.hbm_bytes).strip()
         fits = {None: "?", True: "fits", False: "DOES NOT FIT"}[self.fits]
-        shape = (f"batch {self.batch} x context {self.context} (one new token)" if self.mode == "decode"
-                 else f"batch {self.batch} x seq {self.seq_len}")
+        shape = {"decode": f"batch {self.batch} x context {self.context} (one new token)",
+                 "prefill": f"batch {self.batch} x chunk {self.seq_len} on context {self.context}"}.get(
+                     self.mode, f"batch {self.batch} x seq {self.seq_len}")
         lines = [
             f"mode            {self.mode} ({shape})",
             f"topology        {self.topology}: {self.devices} devices, mesh {self.mesh}",
@@ -177,7 +178,8 @@ def _lower(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, context:
     if mode == "forward":
         fn = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
         return fn.lower(params, _tokens(mesh, batch, seq_len)), ""
-    return _lower_decode(cfg, mesh, graphdef, params, batch=batch, context=context, dtype=model_kw["dtype"])
+    new = 1 if mode == "decode" else seq_len
+    return _lower_cached(cfg, mesh, graphdef, params, batch=batch, context=context, new=new, dtype=model_kw["dtype"])
 
 
 def _optimizer_shardings(opt_state, params, param_sh, replicated):
@@ -188,8 +190,9 @@ def _optimizer_shardings(opt_state, params, param_sh, replicated):
     return jax.tree.map(lambda x: param_sh if is_moment(x) else replicated, opt_state, is_leaf=is_moment)
 
 
-def _lower_decode(cfg: M1Config, mesh, graphdef, params, *, batch: int, context: int, dtype):
-    """One decode step (one token per row) against a cache holding ``context`` tokens."""
+def _lower_cached(cfg: M1Config, mesh, graphdef, params, *, batch: int, context: int, new: int, dtype):
+    """One cached step of ``new`` tokens per row against a KV cache of ``context`` tokens: a decode step
+    (``new`` = 1) or one chunk of a chunked prefill (the last chunk, when the cache is fullest)."""
     try:
         from m1_jax import cache as cache_lib
         from m1_jax.generate import _forward as cached_forward
@@ -201,7 +204,9 @@ def _lower_decode(cfg: M1Config, mesh, graphdef, params, *, batch: int, context:
     names = cache_lib.CACHE_LOGICAL_AXES
     cache_sh = jax.tree.map(lambda n, s: sharding.named_sharding(n, mesh, s.shape, what="cache"), names, shapes,
                             is_leaf=lambda x: isinstance(x, tuple))
-    tokens = _tokens(mesh, batch, 1)
+    if new > context:
+        raise ValueError(f"--seq-len {new} (the prefill chunk) exceeds --context {context}")
+    tokens = _tokens(mesh, batch, new)
 
     def step(params, cache, tokens):
         model = nnx.merge(graphdef, params)
@@ -209,7 +214,9 @@ def _lower_decode(cfg: M1Config, mesh, graphdef, params, *, batch: int, context:
             return cached_forward(model, cache, tokens, jnp.ones((tokens.shape[0],), jnp.int32))
 
     fn = jax.jit(step, donate_argnums=(1,))
-    note = f"decode step: 1 new token per row, KV cache of {shapes.max_len} tokens (m1_jax.cache)"
+    note = (f"decode step: 1 new token per row, KV cache of {shapes.max_len} tokens (m1_jax.cache)" if new == 1 else
+            f"prefill chunk: {new} new tokens per row on a KV cache of {shapes.max_len} tokens (m1_jax.cache); "
+            f"a {context}-token prompt is {-(-context // new)} such chunks, memory bounded by one")
     return fn.lower(params, _sds(shapes, cache_sh), tokens), note
 
 

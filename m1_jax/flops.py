@@ -68,10 +68,13 @@ class FlopModel:
 def step_flops(cfg: M1Config, mode: str, *, batch: int, seq_len: int, context: int) -> float:
     """Model FLOPs of one step (all devices): ``forward`` over ``batch x seq_len`` tokens (causal
     attention: sum of F(t) over the positions), ``train`` = 3 x forward (backward = 2 x forward; a
-    rematerialised forward is not counted), ``decode`` = one token per row at position ``context``."""
+    rematerialised forward is not counted), ``decode`` = one token per row at position ``context``,
+    ``prefill`` = the last ``seq_len``-token chunk of a ``context``-token prompt."""
     m = m1_flop_model(cfg)
     if mode == "decode":
         return batch * float(m.per_token(context))
+    if mode == "prefill":
+        return batch * float(m.cumulative(context) - m.cumulative(context - seq_len))
     fwd = batch * float(m.cumulative(seq_len))
     return 3 * fwd if mode == "train" else fwd
 

@@ -15,10 +15,11 @@ def add_arguments(p):
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4, v5e:2x2, v6e:4x4")
     p.add_argument("--mesh", required=True, help="mesh over the topology's chips, e.g. fsdp=-1,expert=8 "
                                                  "(axes data, fsdp, expert, tensor; -1 = the rest)")
-    p.add_argument("--mode", choices=("train", "forward", "decode"), default="train")
+    p.add_argument("--mode", choices=("train", "forward", "decode", "prefill"), default="train",
+                   help="prefill: one --seq-len chunk of a chunked prefill on a cache of --context tokens")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: data*fsdp*expert)")
-    p.add_argument("--seq-len", type=int, default=8192, help="tokens per row for train / forward")
-    p.add_argument("--context", type=int, default=1 << 20, help="KV cache length for decode")
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens per row for train / forward; chunk length for prefill")
+    p.add_argument("--context", type=int, default=1 << 20, help="KV cache length for decode / prefill")
     p.add_argument("--param-dtype", choices=DTYPES, default=None,
                    help="parameter storage dtype (default: float32 for train, bfloat16 otherwise)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")

@@ -48,3 +48,23 @@ def test_m1_aot_rejects_a_batch_the_mesh_does_not_divide(monkeypatch, capsys):
                    "--batch", "2"])
     assert rc == 2
     assert "batch=2 is not divisible by data*fsdp*expert=4" in capsys.readouterr().err
+
+
+def test_m1_aot_prefill_chunk_on_v5e(tmp_path, monkeypatch):
+    """The last chunk of a chunked prefill: cache of --context tokens, --seq-len new tokens per row."""
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed for TPU AOT compilation")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    cfg_path = tmp_path / "config.json"
+    resolve_config("tiny").replace(block_size=128).to_json(cfg_path)
+    out = tmp_path / "aot.json"
+    rc = cli.main(["aot", "--config", str(cfg_path), "--topology", "v5e:2x2", "--mesh", "tensor=2,data=2",
+                   "--mode", "prefill", "--seq-len", "128", "--context", "1024", "--batch", "2", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["mode"] == "prefill" and report["context"] == 1024 and report["seq_len"] == 128
+    assert "prefill chunk: 128 new tokens" in report["note"]
+    cfg = resolve_config("tiny")
+    assert report["model_flops"] == step_flops(cfg, "prefill", batch=2, seq_len=128, context=1024)
+    assert 0 < report["model_flops"] < step_flops(cfg, "forward", batch=2, seq_len=1024, context=1024)
+    with pytest.raises(ValueError, match="exceeds --context"):
+        aot.plan(cfg, "v5e:2x2", "tensor=-1", "prefill", batch=1, seq_len=2048, context=1024)
