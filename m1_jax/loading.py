@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from m1_jax import sharding
 from m1_jax.config import M1Config
-from m1_jax.convert import keys as key_table
 from m1_jax.convert.manifest import is_converted
+from m1_jax.convert.plan import plan_checkpoint
 from m1_jax.convert.restore import restore_model
 from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from m1_jax.model import M1Model, abstract_model
@@ -28,51 +28,28 @@ from m1_jax.model import M1Model, abstract_model
 log = logging.getLogger(__name__)
 
 
-def _stored_param_dtype(ckpt: SafetensorsCheckpoint, cfg: M1Config):
-    for key in ckpt.keys():
-        placements = key_table.plan(cfg, key)
-        if placements and placements[0].path == ("embed_tokens",):
-            return jnp.dtype(ckpt.info(key).dtype)
-    return jnp.float32
+def _stored_param_dtype(ckpt: SafetensorsCheckpoint):
+    """The checkpoint's storage dtype, read off the embedding table (the same key in every naming)."""
+    key = "model.embed_tokens.weight"
+    return jnp.dtype(ckpt.info(key).dtype) if key in ckpt else jnp.float32
 
 
 def load_state(cfg: M1Config, ckpt: SafetensorsCheckpoint, abstract: M1Model, *, progress: bool = False):
     """Fills the abstract model's parameters from ``ckpt``; returns {flat path: np.ndarray}.
 
-    Every slot (period[, expert]) of every parameter must be filled exactly once.
+    The whole read is planned from the headers first (:func:`m1_jax.convert.plan.plan_checkpoint`: unknown
+    keys, wrong shapes, slots filled twice or never fail before any data is read).
     """
-    flat = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
-    canonical = list(key_table.canonical_keys(cfg))
-    stack_dims = {}
-    for _, pl in canonical:
-        stack_dims[pl.path] = max(stack_dims.get(pl.path, 0), len(pl.slot))
+    flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    jobs = plan_checkpoint(cfg, ckpt, {p: v.shape for p, v in flat.items()})
     buffers: dict[tuple, np.ndarray] = {}
-    covered = {p: np.zeros(flat[p].get_value().shape[:n], bool) for p, n in stack_dims.items()}
-    for key in tqdm(ckpt.keys(), desc="loading", unit="tensor", disable=not progress):
-        try:
-            placements = key_table.plan(cfg, key)
-        except key_table.UnknownKeyError as e:
-            raise CheckpointError(f"{ckpt.info(key).file}: unknown key {e}") from None
-        if placements is None:
-            continue
+    for key, placements in tqdm(jobs, desc="loading", unit="tensor", disable=not progress):
         tensor = ckpt.read(key)
         for pl in placements:
-            target = flat[pl.path].get_value()
-            try:
-                value = pl.apply(tensor, target.shape[len(pl.slot):])
-            except key_table.ShapeMismatchError as e:
-                raise CheckpointError(f"{ckpt.info(key).file}: {e}") from None
-            if covered[pl.path][pl.slot].any():
-                raise CheckpointError(f"{ckpt.info(key).file}: '{key}' fills a slot of {'.'.join(map(str, pl.path))} "
-                                      "that another key already filled")
-            covered[pl.path][pl.slot] = True
+            target = flat[pl.path]
             if pl.path not in buffers:
                 buffers[pl.path] = np.empty(target.shape, target.dtype)
-            buffers[pl.path][pl.slot] = value.astype(target.dtype)
-    missing = [k for k, pl in canonical if not covered[pl.path][pl.slot].all()]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{ckpt.path}: missing weights: {', '.join(missing[:5])}{more}")
+            buffers[pl.path][pl.slot] = pl.apply(tensor, target.shape[len(pl.slot):]).astype(target.dtype)
     return buffers
 
 
@@ -96,7 +73,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     cfg = M1Config.from_json(os.path.join(path, "config.json"))
     ckpt = SafetensorsCheckpoint(path)
     if param_dtype is None:
-        param_dtype = _stored_param_dtype(ckpt, cfg)
+        param_dtype = _stored_param_dtype(ckpt)
     mesh = sharding.as_mesh(mesh)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh)

@@ -27,6 +27,7 @@ from m1_jax.convert import keys as key_table
 from m1_jax.convert import manifest as mf
 from m1_jax.convert import orbax_writer as ow
 from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from m1_jax.convert.plan import plan_checkpoint, stack_dims
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,7 @@ def targets(cfg: M1Config, state) -> dict[tuple, Target]:
     """Flat NNX path -> :class:`Target`, for every leaf of the abstract model state."""
     from flax import nnx
 
-    stack = {}
-    for _, pl in key_table.canonical_keys(cfg):
-        stack[pl.path] = max(stack.get(pl.path, 0), len(pl.slot))
+    stack = stack_dims(cfg)
     by_str = {tuple(map(str, p)): p for p, _ in nnx.to_flat_state(state)}
     out = {}
     for names, name, _, leaf in ow.tree_leaves(state):
@@ -81,36 +80,7 @@ def targets(cfg: M1Config, state) -> dict[tuple, Target]:
 
 def plan_all(cfg: M1Config, src, tgts: dict[tuple, Target]) -> list[tuple[str, list]]:
     """``[(key, placements)]`` in file order, after checking every key, shape and slot from headers alone."""
-    jobs = []
-    covered = {p: np.zeros(t.shape[:t.stack_dims], np.int32) for p, t in tgts.items()}
-    for key in src.keys():
-        info = src.info(key)
-        try:
-            placements = key_table.plan(cfg, key)
-        except key_table.UnknownKeyError as e:
-            raise CheckpointError(f"{info.file}: unknown key {e}") from None
-        if placements is None:
-            continue
-        if tuple(info.shape) != placements[0].hf_shape:
-            raise CheckpointError(f"{info.file}: '{key}' has shape {list(info.shape)}, but config.json gives "
-                                  f"{list(placements[0].hf_shape)}")
-        for pl in placements:
-            if pl.path not in tgts:
-                raise CheckpointError(f"{info.file}: '{key}' maps to {pl.path}, which the model does not have")
-            covered[pl.path][pl.slot] += 1
-        jobs.append((key, placements))
-    for path, count in covered.items():
-        if (count > 1).any():
-            dup = [k for k, pls in jobs if any(p.path == path and (count[p.slot] > 1).any() for p in pls)]
-            raise CheckpointError(f"{src.path}: {', '.join(dup[:4])} fill the same slot of "
-                                  f"{'.'.join(map(str, path))}")
-    missing = [k for k, pl in key_table.canonical_keys(cfg) if (covered[pl.path][pl.slot] == 0).any()]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{src.path}: missing weights: {', '.join(missing[:5])}{more}")
-    order = {k: (src.info(k).file, src.info(k).start) for k, _ in jobs}
-    jobs.sort(key=lambda j: order[j[0]])
-    return jobs
+    return plan_checkpoint(cfg, src, {p: t.shape for p, t in tgts.items()})
 
 
 def _contiguous(view: np.ndarray) -> np.ndarray:
