@@ -1,7 +1,8 @@
 """Softmax attention layer (every 8th layer of M1): GQA with partial rotary embedding.
 
 Query head ``h`` reads KV head ``h // (heads / kv_heads)``; scores ``q k^T / sqrt(head_dim)`` with a
-float32 softmax under a causal (and same-segment) mask.
+float32 softmax under a causal (and same-segment) mask. The full-sequence forward runs the Pallas
+splash-attention kernel when tracing for TPU (:mod:`m1_jax.layers.splash`), XLA otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from m1_jax.config import M1Config
 from m1_jax.layers.blockwise import blockwise_attention
 from m1_jax.layers.common import matmul, param
 from m1_jax.layers.rope import apply_rope
+from m1_jax.layers.splash import log_fallback, splash_attention, unsupported_reason
+from pallas_kernels.lightning.op import targeting_tpu
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None = None,
@@ -38,6 +41,22 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(B, Tq, H, d).astype(q.dtype)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Full-sequence causal GQA attention, q [B, T, H, d], k/v [B, T, KV, d] -> [B, T, H, d].
+
+    Causality is by index (positions may restart inside a packed row); documents by segment id.
+    When tracing for TPU (a TPU backend or ``pallas_kernels.lightning.tpu_target()``) shapes the
+    Pallas splash kernel accepts run through it (:mod:`m1_jax.layers.splash`); otherwise XLA.
+    """
+    if targeting_tpu():
+        reason = unsupported_reason(q.shape, k.shape)
+        if reason is None:
+            return splash_attention(q, k, v, segment_ids)
+        log_fallback(reason)
+    idx = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+    return gqa_attention(q, k, v, attention_mask(idx, idx, segment_ids, segment_ids))
 
 
 class SoftmaxAttention(nnx.Module):
@@ -64,10 +83,7 @@ class SoftmaxAttention(nnx.Module):
     def __call__(self, h: jax.Array, positions: jax.Array, *,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         q, k, v = self.project_qkv(h, positions)
-        # Causality is by index (positions may restart inside a packed row); documents by segment id.
-        idx = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
-        mask = attention_mask(idx, idx, segment_ids, segment_ids)
-        o = gqa_attention(q, k, v, mask)
+        o = causal_attention(q, k, v, segment_ids)
         return matmul(o, self.o_proj[...], contract=2, dtype=self.dtype)
 
     def cached(self, h: jax.Array, keys: jax.Array, values: jax.Array, step) -> tuple[jax.Array, ...]:
