@@ -116,17 +116,3 @@ def gather_data_state(state: dict | None) -> dict | None:
     for row, n in zip(every, sizes):
         merged["iterators"].update(json.loads(bytes(row[: int(n)]).decode())["iterators"])
     return merged
-
-
-def read_meta(directory: str | os.PathLike, step: int | None = None) -> dict:
-    """The ``meta`` item (step, config, run config) of a checkpoint, without touching any arrays."""
-    ckpt = Checkpointer(directory, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{directory}: no complete checkpoint")
-        path = os.path.join(ckpt.directory, str(step), "meta", "metadata")
-        with open(path) as f:
-            return json.load(f)
-    finally:
-        ckpt.close()

@@ -132,7 +132,6 @@ def fit(run: RunConfig, workdir: str, *, resume: bool = False, init_from: str | 
                                         "Resume from the last checkpoint with a lower optimizer.lr, or set "
                                         "train.on_nan=skip")
                 summary.skipped += 1
-            tokens = float(metrics["tokens"])
             record = {"step": step + 1, **{k: float(v) for k, v in metrics.items() if k != "ok"},
                       "skipped": int(not metrics["ok"]), "step_time_s": dt,
                       "tokens_per_s": local["inputs"].size * jax.process_count() / dt}
