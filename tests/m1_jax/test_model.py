@@ -47,6 +47,25 @@ def test_scanned_and_unrolled_stacks_agree(tiny_cfg, tiny_ids):
     # agree exactly.)
 
 
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(tiny_cfg, tiny_ids, remat):
+    """Rematerialising each layer period changes memory, not the loss or the gradients."""
+    model = m1_jax.init_model(tiny_cfg, seed=5)
+
+    def loss(m, ids, remat):
+        logits, extras = m(ids, return_aux=True, remat=remat)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0]) + extras["aux_loss"]
+
+    grad = nnx.jit(nnx.value_and_grad(loss), static_argnums=2)
+    (l0, g0), (l1, g1) = grad(model, tiny_ids, "none"), grad(model, tiny_ids, remat)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    flat0, flat1 = jax.tree.leaves(nnx.state(g0)), jax.tree.leaves(nnx.state(g1))
+    assert len(flat0) == len(flat1) > 10
+    for a, b in zip(flat0, flat1):
+        scale = max(float(np.abs(np.asarray(a)).max()), 1e-30)
+        assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-5 * scale
+
+
 def test_abstract_full_size_model_allocates_nothing(configs_dir):
     """eval_shape of M1-40k in a fresh process: under a minute, ShapeDtypeStruct leaves only, the published
     parameter count, the release's byte size in bf16 (router gates fp32), and a small RSS growth."""
