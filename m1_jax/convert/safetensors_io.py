@@ -8,6 +8,7 @@ A checkpoint directory holds ``model.safetensors``, or shards listed by
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import struct
@@ -84,7 +85,27 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     return out
 
 
-class SafetensorsCheckpoint:
+class LazyCheckpoint(abc.ABC):
+    """What the lazy readers share: ``path``, ``tensors`` ({key: :class:`TensorInfo`}) and ``read(key)``."""
+
+    path: str
+    tensors: dict[str, TensorInfo]
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def info(self, key: str) -> TensorInfo:
+        return self.tensors[key]
+
+    @abc.abstractmethod
+    def read(self, key: str) -> np.ndarray:
+        """One tensor as stored (dtype and shape)."""
+
+
+class SafetensorsCheckpoint(LazyCheckpoint):
     """All tensors of a checkpoint directory, read lazily through the index."""
 
     def __init__(self, path: str | os.PathLike):
@@ -117,15 +138,6 @@ class SafetensorsCheckpoint:
                     if key in self.tensors:
                         raise CheckpointError(f"{file}: tensor '{key}' also appears in {self.tensors[key].file}")
                     self.tensors[key] = info
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.tensors
-
-    def info(self, key: str) -> TensorInfo:
-        return self.tensors[key]
 
     def read(self, key: str) -> np.ndarray:
         """One tensor as stored (dtype and shape), read with a single positioned read."""

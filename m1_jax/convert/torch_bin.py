@@ -14,7 +14,7 @@ import os
 import ml_dtypes
 import numpy as np
 
-from m1_jax.convert.safetensors_io import CheckpointError, TensorInfo
+from m1_jax.convert.safetensors_io import CheckpointError, LazyCheckpoint, TensorInfo
 
 INDEX_NAME = "pytorch_model.bin.index.json"
 SINGLE_NAME = "pytorch_model.bin"
@@ -32,7 +32,7 @@ def _import_torch():
     return torch
 
 
-class TorchCheckpoint:
+class TorchCheckpoint(LazyCheckpoint):
     """All tensors of a directory of PyTorch ``.bin`` files, memory-mapped and read lazily."""
 
     def __init__(self, path: str | os.PathLike):
@@ -85,15 +85,6 @@ class TorchCheckpoint:
         if dtype == self._torch.bfloat16:
             return np.dtype(ml_dtypes.bfloat16)
         return np.dtype(self._torch.empty((), dtype=dtype).numpy().dtype)
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.tensors
-
-    def info(self, key: str) -> TensorInfo:
-        return self.tensors[key]
 
     def read(self, key: str) -> np.ndarray:
         """One tensor as stored (dtype and shape), copied out of the memory map."""
