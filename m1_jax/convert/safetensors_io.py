@@ -85,6 +85,15 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     return out
 
 
+def read_weight_map(index: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor key -> shard file) of a checkpoint index file."""
+    with open(index) as f:
+        try:
+            return json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a checkpoint index with a 'weight_map' ({e})") from None
+
+
 class LazyCheckpoint(abc.ABC):
     """What the lazy readers share: ``path``, ``tensors`` ({key: :class:`TensorInfo`}) and ``read(key)``."""
 
@@ -114,11 +123,7 @@ class SafetensorsCheckpoint(LazyCheckpoint):
         self.tensors: dict[str, TensorInfo] = {}
         index = os.path.join(path, INDEX_NAME)
         if os.path.isfile(index):
-            with open(index) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            weight_map = read_weight_map(index)
             shards = sorted(set(weight_map.values()))
             headers = {}
             for shard in shards:

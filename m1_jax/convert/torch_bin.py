@@ -8,13 +8,12 @@ until read, so no file is loaded whole. A directory holds ``pytorch_model.bin``,
 
 from __future__ import annotations
 
-import json
 import os
 
 import ml_dtypes
 import numpy as np
 
-from m1_jax.convert.safetensors_io import CheckpointError, LazyCheckpoint, TensorInfo
+from m1_jax.convert.safetensors_io import CheckpointError, LazyCheckpoint, TensorInfo, read_weight_map
 
 INDEX_NAME = "pytorch_model.bin.index.json"
 SINGLE_NAME = "pytorch_model.bin"
@@ -42,11 +41,7 @@ class TorchCheckpoint(LazyCheckpoint):
         self.path = path
         index = os.path.join(path, INDEX_NAME)
         if os.path.isfile(index):
-            with open(index) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index}: not a PyTorch checkpoint index ({e})") from None
+            weight_map = read_weight_map(index)
             files = sorted(set(weight_map.values()))
         else:
             single = os.path.join(path, SINGLE_NAME)
