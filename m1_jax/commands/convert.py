@@ -17,11 +17,17 @@ def add_arguments(p):
     p.add_argument("--verify", action="store_true",
                    help="re-read every written tensor and compare checksums with the source; for small "
                         "models also compare logits")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads converting tensors side by side (default: CPU count, at most 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
     from m1_jax.convert.convert import convert
+    from m1_jax.convert.safetensors_io import CheckpointError
+
+    if args.workers is not None and args.workers < 1:
+        raise CheckpointError(f"--workers {args.workers}: expected a positive number of threads")
 
     mesh = None
     if args.mesh:
@@ -29,6 +35,6 @@ def run(args) -> int:
 
         mesh = sharding.make_mesh(args.mesh)
     summary = convert(args.src, args.dst, dtype=args.dtype, resume=args.resume, verify=args.verify, mesh=mesh,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, workers=args.workers)
     print(json.dumps(summary))
     return 0

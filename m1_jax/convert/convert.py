@@ -13,10 +13,11 @@ few pieces, whatever the depth.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,15 +27,17 @@ from m1_jax.config import M1Config
 from m1_jax.convert import keys as key_table
 from m1_jax.convert import manifest as mf
 from m1_jax.convert import orbax_writer as ow
-from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from m1_jax.convert.buffers import PAGE, BufferPool
 from m1_jax.convert.plan import plan_checkpoint, stack_dims
+from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from m1_jax.convert.transpose import contiguous_into
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-MAX_IN_FLIGHT = 2  # pieces being written while the next one is prepared
+QUEUE_PER_WORKER = 2  # tensors submitted ahead per worker (their reads are hinted to the OS early)
 
 
 def open_source(path: str):
@@ -83,30 +86,12 @@ def plan_all(cfg: M1Config, src, tgts: dict[tuple, Target]) -> list[tuple[str, l
     return plan_checkpoint(cfg, src, {p: t.shape for p, t in tgts.items()})
 
 
-def _contiguous(view: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of a strided view (a transposed slice); torch's tiled copy when installed."""
-    if view.flags.c_contiguous:
-        return view
-    if view.ndim == 2 and view.dtype.itemsize in _INT_OF_SIZE:
-        try:
-            import torch
-        except ImportError:
-            torch = None
-        if torch is not None:  # tiled: faster than numpy's strided copy for a transpose
-            ints = view.view(_INT_OF_SIZE[view.dtype.itemsize])
-            with warnings.catch_warnings():  # read-only source buffer: torch only reads it here
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.from_numpy(ints).contiguous().numpy().view(view.dtype)
-    return np.ascontiguousarray(view)
-
-
-_INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
-
-
-def slot_pieces(pl, x: np.ndarray, t: Target):
+def slot_pieces(pl, x: np.ndarray, t: Target, out_for=None):
     """``(region index, value)`` pieces of tensor ``x`` placed by ``pl``, one per output chunk.
 
     Each value is converted (layout, dtype) from a slice of ``x``; the whole slot never exists at once.
+    A piece that needs a copy (a transposed slice) is written into ``out_for(shape, dtype)`` when given
+    (a reused buffer: the caller finishes with each piece before asking for the next).
     """
     y = pl.layout(x)  # a view: transposes and halves do not copy
     axis = len(pl.slot)
@@ -123,33 +108,44 @@ def slot_pieces(pl, x: np.ndarray, t: Target):
     step = t.chunks[axis]
     for a in range(0, shape[0], step):
         b = min(a + step, shape[0])
-        piece = _contiguous(y[a * unit:b * unit]).reshape((b - a,) + shape[1:])
+        view = y[a * unit:b * unit]
+        out = None if view.flags.c_contiguous or out_for is None else out_for(view.shape, view.dtype)
+        piece = contiguous_into(view, out).reshape((b - a,) + shape[1:])
         yield pl.slot + (slice(a, b),), piece.astype(t.dtype, copy=False)
 
 
-def write_tensor(arrays, tgts, key: str, placements, x: np.ndarray) -> list[int]:
-    """Writes one source tensor into its slots; returns the CRC-32 of each placement's written bytes.
+def piece_bytes(x_nbytes: int, itemsize: int, placements, tgts) -> int:
+    """The largest converted piece of a source tensor (what :func:`write_tensor` needs besides the tensor)."""
+    most = 0
+    for pl in placements:
+        t = tgts[pl.path]
+        most = max(most, int(np.prod(t.chunks[len(pl.slot):], dtype=np.int64)) * itemsize)
+    return min(most, x_nbytes)
+
+
+def write_tensor(arrays, tgts, key: str, placements, x: np.ndarray, out_for=None) -> list[int]:
+    """Writes one source tensor into its slots; returns the CRC-32C of each placement's written bytes.
 
     A piece that is exactly one chunk (a whole slot row range) is written as the chunk file itself;
-    any other region goes through a TensorStore write.
+    any other region goes through a TensorStore write. ``out_for``: see :func:`slot_pieces`.
     """
-    crcs, pending = [], []
+    crcs = []
     for pl in placements:
         t, crc = tgts[pl.path], 0
         arr = arrays[pl.path]
-        for index, piece in slot_pieces(pl, x, t):
-            crc = mf.crc32(piece, crc)
+        for index, piece in slot_pieces(pl, x, t, out_for):
+            crc = mf.checksum(piece, crc)
             if len(pl.slot) == t.stack_dims and len(t.shape) > t.stack_dims:  # piece == one chunk
                 coords = pl.slot + (index[-1].start // t.chunks[t.stack_dims],) + (0,) * (len(t.shape) - t.stack_dims - 1)
                 ow.write_chunk(arr.kvstore.path, coords, piece.reshape((1,) * t.stack_dims + piece.shape), t.chunks)
-                continue
-            pending.append(arr[index].write(piece))
-            if len(pending) >= MAX_IN_FLIGHT:
-                pending.pop(0).result()
+            else:
+                arr[index].write(piece).result()  # done before the piece's buffer is reused
         crcs.append(crc)
-    for fut in pending:
-        fut.result()
     return crcs
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def resolve_dtype(name: str, cfg: M1Config, src) -> str:
@@ -189,9 +185,66 @@ def prepare_destination(dst: str, record: dict, resume: bool) -> None:
                               "it, or delete it")
 
 
+def _write_all(src, arrays, tgts, todo, manifest, workers: int, bar, n_jobs: int) -> None:
+    """Writes the tensors of ``todo`` with ``workers`` threads, recording each finished one in order.
+
+    Threads overlap reading, layout copies, checksums and writes (numpy, the checksum and file I/O
+    release the GIL). Each tensor runs in one buffer of the pool (source bytes, then its converted
+    piece); the pool holds at most two of the largest such buffers, which bounds host memory whatever
+    the number of workers. Tensors are recorded in submission order, so after an interruption the
+    manifest holds exactly the tensors before the first unfinished one.
+    """
+    def cost(key, placements):
+        info = src.info(key)
+        return info.nbytes, piece_bytes(info.nbytes, info.dtype.itemsize, placements, tgts)
+
+    costs = {k: cost(k, pls) for k, pls in todo}
+    total = {k: -(-a // PAGE) * PAGE + b for k, (a, b) in costs.items()}  # pieces start page-aligned
+    pool = BufferPool(2 * max(total.values(), default=0))
+
+    def run(key, placements):
+        n_src, n_piece = costs[key]
+        with pool.take(total[key]) as buf:
+            x = src.read_into(key, buf[:n_src])
+            piece = buf[total[key] - n_piece:]
+
+            def out_for(shape, dtype):
+                return piece[: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+            return write_tensor(arrays, tgts, key, placements, x, out_for)
+
+    queue = collections.deque()
+    ahead = iter(todo)
+
+    def submit_next() -> None:
+        for key, placements in ahead:
+            src.prefetch(key)  # the OS reads ahead while earlier tensors are converted
+            queue.append((key, executor.submit(run, key, placements)))
+            return
+
+    n_done = n_jobs - len(todo)
+    with ThreadPoolExecutor(workers, thread_name_prefix="m1-convert") as executor:
+        try:
+            for _ in range(workers * QUEUE_PER_WORKER):
+                submit_next()
+            while queue:
+                key, fut = queue.popleft()
+                manifest.add(key, fut.result())
+                n_done += 1
+                bar.update(src.info(key).nbytes)
+                bar.set_postfix_str(f"{n_done}/{n_jobs} tensors", refresh=False)
+                submit_next()
+        finally:
+            for _, fut in queue:
+                fut.cancel()
+
+
 def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = False, verify: bool = False,
-            mesh=None, progress: bool = True) -> dict:
-    """Converts ``src_path`` to ``dst``; returns a summary (tensors, bytes, dtype, verification)."""
+            mesh=None, progress: bool = True, workers: int | None = None) -> dict:
+    """Converts ``src_path`` to ``dst``; returns a summary (tensors, bytes, dtype, verification).
+
+    ``workers``: threads converting tensors side by side (default: the CPU count, at most 8).
+    """
     from flax import nnx
 
     from m1_jax.model import abstract_model
@@ -220,19 +273,11 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
                 os.remove(entry.path)
     manifest = mf.Manifest(dst)
     sizes = {k: src.info(k).nbytes for k, _ in jobs}
-    done_bytes = sum(sizes[k] for k, _ in jobs if k in manifest.done)
-    bar = tqdm(total=sum(sizes.values()), initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-               desc="convert", disable=not progress, dynamic_ncols=True)
-    n_done = sum(1 for k, _ in jobs if k in manifest.done)
+    todo = [(k, pls) for k, pls in jobs if k not in manifest.done]
+    bar = tqdm(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[k] for k, _ in todo), unit="B",
+               unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress, dynamic_ncols=True)
     try:
-        for key, placements in jobs:
-            if key in manifest.done:
-                continue
-            crcs = write_tensor(arrays, tgts, key, placements, src.read(key))
-            manifest.add(key, crcs)
-            n_done += 1
-            bar.update(sizes[key])
-            bar.set_postfix_str(f"{n_done}/{len(jobs)} tensors", refresh=False)
+        _write_all(src, arrays, tgts, todo, manifest, workers or default_workers(), bar, len(jobs))
     finally:
         bar.close()
         manifest.close()

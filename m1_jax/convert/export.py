@@ -21,6 +21,7 @@ from m1_jax.convert import keys as key_table
 from m1_jax.convert import manifest as mf
 from m1_jax.convert import orbax_writer as ow
 from m1_jax.convert.safetensors_io import DTYPE_NAMES, INDEX_NAME, CheckpointError
+from m1_jax.convert.transpose import contiguous_into
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
@@ -108,7 +109,7 @@ def export(ckpt: str, dst: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
                 for key, shape, dtype in shard:
                     pl = placements[key]
                     value = arrays[pl.path][pl.slot].read().result()
-                    out = np.ascontiguousarray(key_table.to_checkpoint_layout(pl, value))
+                    out = contiguous_into(key_table.to_checkpoint_layout(pl, value))
                     if out.shape != tuple(shape) or out.dtype != dtype:
                         raise CheckpointError(f"{key}: exported as {out.dtype}{list(out.shape)}, expected "
                                               f"{dtype}{list(shape)}")

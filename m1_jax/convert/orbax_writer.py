@@ -14,6 +14,7 @@ Orbax itself), region by region.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -21,6 +22,8 @@ import time
 import jax
 import numpy as np
 import tensorstore as ts
+
+from m1_jax.convert.buffers import PAGE, aligned_empty
 
 CHUNK_BYTES = 64 << 20  # target size of one zarr chunk (and of one write)
 METADATA_FILE = "_METADATA"
@@ -131,11 +134,50 @@ def write_chunk(array_dir: str, coords: tuple[int, ...], value: np.ndarray, chun
     with zeros). Written under a temporary name and renamed, so a chunk file is never partial.
     """
     if value.shape != tuple(chunks):
-        padded = np.zeros(chunks, value.dtype)
+        padded = aligned_empty(int(np.prod(chunks, dtype=np.int64)) * value.dtype.itemsize).view(value.dtype)
+        padded = padded.reshape(chunks)
+        padded[...] = 0
         padded[tuple(slice(0, n) for n in value.shape)] = value
         value = padded
     path = os.path.join(array_dir, ".".join(map(str, coords)))
-    with open(path + ".partial", "wb") as f:
-        f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
+    write_file(path + ".partial", np.ascontiguousarray(value).reshape(-1).view(np.uint8))
     os.replace(path + ".partial", path)
 
+
+_direct_io = [hasattr(os, "O_DIRECT")]  # cleared the first time the file system refuses O_DIRECT
+
+
+def write_file(path: str, data: np.ndarray) -> None:
+    """Writes the bytes ``data`` (uint8) as the new file ``path``.
+
+    The page-aligned bulk of a page-aligned buffer is written with ``O_DIRECT``: straight from the
+    buffer to the device, without filling (and on a VM, faulting in) page-cache pages that a
+    conversion never reads again; the rest, or everything where the file system refuses direct I/O
+    (tmpfs, some network file systems), goes through the page cache. Durability comes from the
+    file-system sync that precedes every manifest record.
+    """
+    n_direct = len(data) // PAGE * PAGE if _direct_io[0] and data.ctypes.data % PAGE == 0 else 0
+    if n_direct:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            try:
+                _write_all(fd, data[:n_direct], 0)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            _direct_io[0], n_direct = False, 0
+    if n_direct == len(data):
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if n_direct else os.O_TRUNC), 0o644)
+    try:
+        _write_all(fd, data[n_direct:], n_direct)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: np.ndarray, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)

@@ -12,6 +12,7 @@ import abc
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -113,6 +114,14 @@ class LazyCheckpoint(abc.ABC):
     def read(self, key: str) -> np.ndarray:
         """One tensor as stored (dtype and shape)."""
 
+    def read_into(self, key: str, buf: np.ndarray) -> np.ndarray:
+        """Like :meth:`read`; readers that can place the bytes in ``buf`` (uint8, at least ``nbytes``
+        long) do, so a caller reusing one buffer avoids a fresh allocation per tensor."""
+        return self.read(key)
+
+    def prefetch(self, key: str) -> None:
+        """Hints that ``key`` will be read soon (readers of plain files start reading ahead)."""
+
 
 class SafetensorsCheckpoint(LazyCheckpoint):
     """All tensors of a checkpoint directory, read lazily through the index."""
@@ -143,13 +152,43 @@ class SafetensorsCheckpoint(LazyCheckpoint):
                     if key in self.tensors:
                         raise CheckpointError(f"{file}: tensor '{key}' also appears in {self.tensors[key].file}")
                     self.tensors[key] = info
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    def __del__(self):
+        if getattr(self, "_fds", None):
+            self.close()
 
     def read(self, key: str) -> np.ndarray:
-        """One tensor as stored (dtype and shape), read with a single positioned read."""
+        """One tensor as stored (dtype and shape), read with positioned reads (safe from many threads)."""
+        return self.read_into(key, np.empty(self.tensors[key].nbytes, np.uint8))
+
+    def read_into(self, key: str, buf: np.ndarray) -> np.ndarray:
         t = self.tensors[key]
-        with open(t.file, "rb") as f:
-            f.seek(t.start)
-            buf = f.read(t.nbytes)
-        if len(buf) != t.nbytes:
-            raise CheckpointError(f"{t.file}: truncated while reading '{key}'")
-        return np.frombuffer(buf, dtype=t.dtype).reshape(t.shape)
+        view = buf.reshape(-1).view(np.uint8)[: t.nbytes]
+        if len(view) < t.nbytes:
+            raise ValueError(f"read_into: buffer of {len(view)} bytes for '{key}' of {t.nbytes}")
+        fd, done = self._fd(t.file), 0
+        while done < t.nbytes:
+            n = os.preadv(fd, [view[done:]], t.start + done)
+            if n <= 0:
+                raise CheckpointError(f"{t.file}: truncated while reading '{key}'")
+            done += n
+        return view.view(t.dtype).reshape(t.shape)
+
+    def prefetch(self, key: str) -> None:
+        t = self.tensors[key]
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd(t.file), t.start, t.nbytes, os.POSIX_FADV_WILLNEED)

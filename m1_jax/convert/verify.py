@@ -1,7 +1,7 @@
 """``m1 convert --verify``: every written tensor re-read and compared with the source, then logits.
 
 Each source tensor is read again and converted piece by piece exactly as the writer does; the bytes
-read back from the Orbax arrays must have the same CRC-32 as that conversion and as the one recorded
+read back from the Orbax arrays must have the same CRC-32C as that conversion and as the one recorded
 in the manifest at write time. For small models (at most :data:`LOGITS_MAX_PARAMS` parameters) the
 logits of the source checkpoint (loaded at the converted dtype) and of the restored checkpoint must
 agree to fp32 atol 1e-4 on random token ids.
@@ -50,8 +50,8 @@ def verify_conversion(src_path: str, dst: str, *, mesh=None, progress: bool = Tr
         for pl, recorded in zip(placements, manifest.done[key]):
             want = got = 0
             for index, piece in slot_pieces(pl, x, tgts[pl.path]):
-                want = mf.crc32(piece, want)
-                got = mf.crc32(arrays[pl.path][index].read().result(), got)
+                want = mf.checksum(piece, want)
+                got = mf.checksum(arrays[pl.path][index].read().result(), got)
             if not want == got == recorded:
                 raise VerificationError(f"{dst}: '{key}' -> {'.'.join(map(str, pl.path))}{list(pl.slot)}: "
                                         f"checksum {got:08x} read back, {want:08x} from the source, "
