@@ -18,13 +18,15 @@ def add_arguments(p):
                    help="re-read every written tensor and compare checksums with the source; for small "
                         "models also compare logits")
     p.add_argument("--workers", type=int, default=None,
-                   help="threads converting tensors side by side (default: CPU count, at most 8)")
+                   help="threads converting tensors side by side (default: twice the cores, 4 to 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
+    from m1_jax.convert.safetensors_io import READAHEAD_BYTES, CheckpointError, readahead
+
+    readahead(args.src, READAHEAD_BYTES)  # the device reads the first tensors while JAX is imported
     from m1_jax.convert.convert import convert
-    from m1_jax.convert.safetensors_io import CheckpointError
 
     if args.workers is not None and args.workers < 1:
         raise CheckpointError(f"--workers {args.workers}: expected a positive number of threads")

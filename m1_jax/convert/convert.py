@@ -29,7 +29,7 @@ from m1_jax.convert import manifest as mf
 from m1_jax.convert import orbax_writer as ow
 from m1_jax.convert.buffers import PAGE, BufferPool
 from m1_jax.convert.plan import plan_checkpoint, stack_dims
-from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from m1_jax.convert.safetensors_io import READAHEAD_BYTES, CheckpointError, SafetensorsCheckpoint
 from m1_jax.convert.transpose import contiguous_into
 
 log = logging.getLogger(__name__)
@@ -37,18 +37,21 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-QUEUE_PER_WORKER = 2  # tensors submitted ahead per worker (their reads are hinted to the OS early)
+QUEUE_PER_WORKER = 2  # tensors submitted ahead per worker
 
 
-def open_source(path: str):
-    """The lazy reader for a checkpoint directory: safetensors if present, else PyTorch ``.bin`` files."""
+def open_source(path: str, direct: bool = False):
+    """The lazy reader for a checkpoint directory: safetensors if present, else PyTorch ``.bin`` files.
+
+    ``direct``: safetensors reads into page-aligned buffers bypass the page cache (what a conversion wants).
+    """
     from m1_jax.convert import safetensors_io, torch_bin
 
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
     names = os.listdir(path)
     if safetensors_io.INDEX_NAME in names or any(n.endswith(".safetensors") for n in names):
-        return SafetensorsCheckpoint(path)
+        return SafetensorsCheckpoint(path, direct=direct)
     if torch_bin.has_torch_files(path):
         return torch_bin.TorchCheckpoint(path)
     raise CheckpointError(f"{path}: no *.safetensors or PyTorch *.bin files")
@@ -145,7 +148,8 @@ def write_tensor(arrays, tgts, key: str, placements, x: np.ndarray, out_for=None
 
 
 def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """Twice the cores (at least 4, at most 16): a worker spends much of its time waiting on the disk."""
+    return min(16, max(4, 2 * (os.cpu_count() or 1)))
 
 
 def resolve_dtype(name: str, cfg: M1Config, src) -> str:
@@ -196,7 +200,7 @@ def _write_all(src, arrays, tgts, todo, manifest, workers: int, bar, n_jobs: int
     """
     def cost(key, placements):
         info = src.info(key)
-        return info.nbytes, piece_bytes(info.nbytes, info.dtype.itemsize, placements, tgts)
+        return info.nbytes + src.read_slack, piece_bytes(info.nbytes, info.dtype.itemsize, placements, tgts)
 
     costs = {k: cost(k, pls) for k, pls in todo}
     total = {k: -(-a // PAGE) * PAGE + b for k, (a, b) in costs.items()}  # pieces start page-aligned
@@ -214,13 +218,19 @@ def _write_all(src, arrays, tgts, todo, manifest, workers: int, bar, n_jobs: int
             return write_tensor(arrays, tgts, key, placements, x, out_for)
 
     queue = collections.deque()
-    ahead = iter(todo)
+    nbytes = [src.info(k).nbytes for k, _ in todo]
+    submitted = hinted = hinted_bytes = done_bytes = 0
 
     def submit_next() -> None:
-        for key, placements in ahead:
-            src.prefetch(key)  # the OS reads ahead while earlier tensors are converted
+        nonlocal submitted, hinted, hinted_bytes
+        if submitted < len(todo):
+            key, placements = todo[submitted]
             queue.append((key, executor.submit(run, key, placements)))
-            return
+            submitted += 1
+        while hinted < len(todo) and (hinted < submitted or hinted_bytes - done_bytes < READAHEAD_BYTES):
+            src.prefetch(todo[hinted][0])  # the device reads ahead while earlier tensors are converted
+            hinted_bytes += nbytes[hinted]
+            hinted += 1
 
     n_done = n_jobs - len(todo)
     with ThreadPoolExecutor(workers, thread_name_prefix="m1-convert") as executor:
@@ -230,6 +240,7 @@ def _write_all(src, arrays, tgts, todo, manifest, workers: int, bar, n_jobs: int
             while queue:
                 key, fut = queue.popleft()
                 manifest.add(key, fut.result())
+                done_bytes += src.info(key).nbytes
                 n_done += 1
                 bar.update(src.info(key).nbytes)
                 bar.set_postfix_str(f"{n_done}/{n_jobs} tensors", refresh=False)
@@ -243,15 +254,18 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
             mesh=None, progress: bool = True, workers: int | None = None) -> dict:
     """Converts ``src_path`` to ``dst``; returns a summary (tensors, bytes, dtype, verification).
 
-    ``workers``: threads converting tensors side by side (default: the CPU count, at most 8).
+    ``workers``: threads converting tensors side by side (default: :func:`default_workers`).
     """
+    import gc
+
     from flax import nnx
 
     from m1_jax.model import abstract_model
 
+    gc.freeze()  # the imported modules' objects: the collector need not scan them again and again
     src_path, dst = os.fspath(src_path), os.fspath(dst)
     cfg = M1Config.from_json(os.path.join(src_path, "config.json"))
-    src = open_source(src_path)
+    src = open_source(src_path, direct=True)
     dtype_name = resolve_dtype(dtype, cfg, src)
     state = nnx.state(abstract_model(cfg, param_dtype=np.dtype(dtype_name)))
     tgts = targets(cfg, state)
@@ -267,10 +281,6 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     state_dir = os.path.join(dst, mf.STATE_DIR)
     os.makedirs(state_dir, exist_ok=True)
     arrays = {p: ow.create_array(state_dir, t.name, t.shape, t.dtype, t.chunks) for p, t in tgts.items()}
-    for t in tgts.values():  # chunk files a kill cut short (never under a chunk's own name)
-        for entry in os.scandir(os.path.join(state_dir, t.name)):
-            if entry.name.endswith(".partial"):
-                os.remove(entry.path)
     manifest = mf.Manifest(dst)
     sizes = {k: src.info(k).nbytes for k, _ in jobs}
     todo = [(k, pls) for k, pls in jobs if k not in manifest.done]

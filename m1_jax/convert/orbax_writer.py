@@ -131,7 +131,10 @@ def write_chunk(array_dir: str, coords: tuple[int, ...], value: np.ndarray, chun
     """Writes one whole chunk of an uncompressed zarr v2 array (:func:`create_array`) as a file.
 
     An uncompressed chunk is its C-order bytes, always of the full chunk shape (the edge chunk is padded
-    with zeros). Written under a temporary name and renamed, so a chunk file is never partial.
+    with zeros). Written in place: a chunk a kill cuts short belongs to a source tensor the manifest has
+    not recorded, which ``--resume`` writes again whole, and a checkpoint is only loaded once marked
+    complete. (TensorStore never reads these chunks back to merge a partial write: a parameter's chunks
+    are written either whole, here, or by TensorStore.)
     """
     if value.shape != tuple(chunks):
         padded = aligned_empty(int(np.prod(chunks, dtype=np.int64)) * value.dtype.itemsize).view(value.dtype)
@@ -140,8 +143,7 @@ def write_chunk(array_dir: str, coords: tuple[int, ...], value: np.ndarray, chun
         padded[tuple(slice(0, n) for n in value.shape)] = value
         value = padded
     path = os.path.join(array_dir, ".".join(map(str, coords)))
-    write_file(path + ".partial", np.ascontiguousarray(value).reshape(-1).view(np.uint8))
-    os.replace(path + ".partial", path)
+    write_file(path, np.ascontiguousarray(value).reshape(-1).view(np.uint8))
 
 
 _direct_io = [hasattr(os, "O_DIRECT")]  # cleared the first time the file system refuses O_DIRECT

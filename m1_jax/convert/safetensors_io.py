@@ -9,6 +9,7 @@ A checkpoint directory holds ``model.safetensors``, or shards listed by
 from __future__ import annotations
 
 import abc
+import errno
 import json
 import os
 import struct
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+
+from m1_jax.convert.buffers import PAGE
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -36,6 +39,7 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+READAHEAD_BYTES = 512 << 20  # how far a conversion asks the OS to read ahead of the tensor it converts
 
 
 class CheckpointError(ValueError):
@@ -86,6 +90,26 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     return out
 
 
+def readahead(path: str, nbytes: int) -> None:
+    """Asks the OS to start reading the first ``nbytes`` of a checkpoint directory's safetensors files
+    (in name order, the order a conversion reads them) in the background; a hint, never an error."""
+    if not hasattr(os, "posix_fadvise") or not os.path.isdir(path):
+        return
+    for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        if nbytes <= 0:
+            return
+        try:
+            fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            os.posix_fadvise(fd, 0, min(size, nbytes), os.POSIX_FADV_WILLNEED)
+            nbytes -= size
+        finally:
+            os.close(fd)
+
+
 def read_weight_map(index: str) -> dict[str, str]:
     """The ``weight_map`` (tensor key -> shard file) of a checkpoint index file."""
     with open(index) as f:
@@ -114,9 +138,11 @@ class LazyCheckpoint(abc.ABC):
     def read(self, key: str) -> np.ndarray:
         """One tensor as stored (dtype and shape)."""
 
+    read_slack = 0  # bytes :meth:`read_into` needs beyond the tensor's own
+
     def read_into(self, key: str, buf: np.ndarray) -> np.ndarray:
         """Like :meth:`read`; readers that can place the bytes in ``buf`` (uint8, at least ``nbytes``
-        long) do, so a caller reusing one buffer avoids a fresh allocation per tensor."""
+        + :attr:`read_slack` long) do, so a caller reusing one buffer avoids a fresh allocation per tensor."""
         return self.read(key)
 
     def prefetch(self, key: str) -> None:
@@ -124,9 +150,15 @@ class LazyCheckpoint(abc.ABC):
 
 
 class SafetensorsCheckpoint(LazyCheckpoint):
-    """All tensors of a checkpoint directory, read lazily through the index."""
+    """All tensors of a checkpoint directory, read lazily through the index.
 
-    def __init__(self, path: str | os.PathLike):
+    ``direct=True``: :meth:`read_into` a page-aligned buffer reads with ``O_DIRECT``, straight from the
+    device into the buffer, bypassing the page cache (a conversion reads every byte once: caching it
+    only costs memory and, on a VM, page faults); where the file system refuses direct I/O, reads fall
+    back to the page cache.
+    """
+
+    def __init__(self, path: str | os.PathLike, direct: bool = False):
         path = os.fspath(path)
         self.path = path
         self.tensors: dict[str, TensorInfo] = {}
@@ -152,14 +184,16 @@ class SafetensorsCheckpoint(LazyCheckpoint):
                     if key in self.tensors:
                         raise CheckpointError(f"{file}: tensor '{key}' also appears in {self.tensors[key].file}")
                     self.tensors[key] = info
-        self._fds: dict[str, int] = {}
+        self._fds: dict[tuple[str, bool], int] = {}
         self._lock = threading.Lock()
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.read_slack = 2 * PAGE if self.direct else 0
 
-    def _fd(self, file: str) -> int:
+    def _fd(self, file: str, direct: bool = False) -> int:
         with self._lock:
-            if file not in self._fds:
-                self._fds[file] = os.open(file, os.O_RDONLY)
-            return self._fds[file]
+            if (file, direct) not in self._fds:
+                self._fds[file, direct] = os.open(file, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            return self._fds[file, direct]
 
     def close(self) -> None:
         with self._lock:
@@ -177,7 +211,15 @@ class SafetensorsCheckpoint(LazyCheckpoint):
 
     def read_into(self, key: str, buf: np.ndarray) -> np.ndarray:
         t = self.tensors[key]
-        view = buf.reshape(-1).view(np.uint8)[: t.nbytes]
+        buf = buf.reshape(-1).view(np.uint8)
+        if self.direct and buf.ctypes.data % PAGE == 0 and len(buf) >= t.nbytes + self.read_slack:
+            try:
+                return self._read_direct(key, t, buf)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: the file system takes no direct I/O
+                    raise
+                self.direct, self.read_slack = False, 0
+        view = buf[: t.nbytes]
         if len(view) < t.nbytes:
             raise ValueError(f"read_into: buffer of {len(view)} bytes for '{key}' of {t.nbytes}")
         fd, done = self._fd(t.file), 0
@@ -188,7 +230,24 @@ class SafetensorsCheckpoint(LazyCheckpoint):
             done += n
         return view.view(t.dtype).reshape(t.shape)
 
+    def _read_direct(self, key: str, t: TensorInfo, buf: np.ndarray) -> np.ndarray:
+        """Reads the page-aligned range around the tensor; returns the tensor's part of it."""
+        first = t.start // PAGE * PAGE
+        span = -(-(t.start + t.nbytes) // PAGE) * PAGE - first
+        fd, done = self._fd(t.file, direct=True), 0
+        while done < span:
+            n = os.preadv(fd, [buf[done:span]], first + done)
+            if n <= 0:
+                break
+            done += n
+            if n % PAGE:  # the end of the file
+                break
+        if first + done < t.start + t.nbytes:
+            raise CheckpointError(f"{t.file}: truncated while reading '{key}'")
+        offset = t.start - first
+        return buf[offset:offset + t.nbytes].view(t.dtype).reshape(t.shape)
+
     def prefetch(self, key: str) -> None:
         t = self.tensors[key]
-        if hasattr(os, "posix_fadvise"):
+        if hasattr(os, "posix_fadvise") and not self.direct:
             os.posix_fadvise(self._fd(t.file), t.start, t.nbytes, os.POSIX_FADV_WILLNEED)

@@ -18,6 +18,15 @@ TILE_ROWS, TILE_UNITS = 256, 64  # source rows x 16-byte units per tile (256 KiB
 _PLAIN_TILE = 256  # tile edge of the element-wise fallback
 
 
+_UINT = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+
+
+def _as_uint(a: np.ndarray) -> np.ndarray:
+    """``a`` viewed as unsigned integers of its item size: numpy's own copy loops instead of a custom
+    dtype's (ml_dtypes' bfloat16 copies element by element through its own, slower, functions)."""
+    return a.view(_UINT[a.itemsize]) if a.itemsize in _UINT and a.dtype != _UINT[a.itemsize] else a
+
+
 def _fast_path_ok(a: np.ndarray) -> bool:
     k = UNIT.itemsize // a.itemsize if a.itemsize and UNIT.itemsize % a.itemsize == 0 else 0
     return (a.ndim == 2 and k > 1 and a.shape[1] % k == 0 and a.strides[1] == a.itemsize
@@ -40,13 +49,16 @@ def transpose_into(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
                          f"got {out.dtype} {out.shape}")
     if rows == 0 or cols == 0:
         return out
+    if a.itemsize in _UINT and a.dtype.kind not in "biu":
+        transpose_into(_as_uint(a), _as_uint(out))
+        return out
     if not _fast_path_ok(a):
         for i in range(0, rows, _PLAIN_TILE):
             for j in range(0, cols, _PLAIN_TILE):
                 np.copyto(out[j:j + _PLAIN_TILE, i:i + _PLAIN_TILE], a[i:i + _PLAIN_TILE, j:j + _PLAIN_TILE].T)
         return out
     k = UNIT.itemsize // a.itemsize
-    units = a.view(np.uint8).view(UNIT) if a.dtype.kind == "V" else a.view(UNIT)  # [rows, cols / k]
+    units = a.view(UNIT)  # [rows, cols / k]
     n = cols // k
     grouped = out.reshape(n, k, rows)  # output row u*k + m holds value m of unit column u
     tile = np.empty((TILE_UNITS, TILE_ROWS), UNIT)

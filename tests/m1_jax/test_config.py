@@ -148,3 +148,18 @@ def test_unreadable_config_files(tmp_path):
 def test_direct_construction_is_validated():
     with pytest.raises(ConfigError, match="field 'layer_types'"):
         M1Config(num_hidden_layers=3)  # default layer_types has 80 entries
+
+
+def test_package_exports_load_on_first_use():
+    """Light submodules import without JAX; public names resolve lazily, ``m1_jax.generate`` stays the function."""
+    import subprocess
+    import sys
+
+    code = ("import sys, m1_jax.config, m1_jax.convert.safetensors_io; assert 'jax' not in sys.modules; "
+            "import m1_jax.generate; from m1_jax.generate import Generation; import m1_jax; "
+            "assert callable(m1_jax.generate) and m1_jax.generate.__name__ == 'generate'; "
+            "from m1_jax import generate, from_pretrained, M1Config; assert generate is m1_jax.generate; "
+            "assert sorted(m1_jax.__all__) == m1_jax.__all__ and all(hasattr(m1_jax, n) for n in m1_jax.__all__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
