@@ -23,10 +23,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from m1_jax.convert.safetensors_io import READAHEAD_BYTES, CheckpointError, readahead
-
-    readahead(args.src, READAHEAD_BYTES)  # the device reads the first tensors while JAX is imported
     from m1_jax.convert.convert import convert
+    from m1_jax.convert.safetensors_io import CheckpointError
 
     if args.workers is not None and args.workers < 1:
         raise CheckpointError(f"--workers {args.workers}: expected a positive number of threads")

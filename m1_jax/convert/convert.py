@@ -29,7 +29,7 @@ from m1_jax.convert import manifest as mf
 from m1_jax.convert import orbax_writer as ow
 from m1_jax.convert.buffers import PAGE, BufferPool
 from m1_jax.convert.plan import plan_checkpoint, stack_dims
-from m1_jax.convert.safetensors_io import READAHEAD_BYTES, CheckpointError, SafetensorsCheckpoint
+from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from m1_jax.convert.transpose import contiguous_into
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 QUEUE_PER_WORKER = 2  # tensors submitted ahead per worker
+READAHEAD_BYTES = 512 << 20  # source bytes hinted to the OS ahead of the conversion (page-cache reads)
+STARTUP_READAHEAD_BYTES = 256 << 20  # read into the page cache while the plan is made
 
 
 def open_source(path: str, direct: bool = False):
@@ -68,19 +70,14 @@ class Target:
     stack_dims: int
 
 
-def targets(cfg: M1Config, state) -> dict[tuple, Target]:
-    """Flat NNX path -> :class:`Target`, for every leaf of the abstract model state."""
-    from flax import nnx
-
+def targets(cfg: M1Config, param_dtype) -> dict[tuple, Target]:
+    """Flat NNX path -> :class:`Target`, for every parameter of the model (:func:`keys.param_layout`)."""
     stack = stack_dims(cfg)
-    by_str = {tuple(map(str, p)): p for p, _ in nnx.to_flat_state(state)}
     out = {}
-    for names, name, _, leaf in ow.tree_leaves(state):
-        key = names[:-1] if names[-1] == "value" and names[:-1] in by_str else names
-        path = by_str[key]
-        dtype = np.dtype(leaf.dtype)
+    for path, (shape, fp32) in key_table.param_layout(cfg).items():
+        dtype = np.dtype(np.float32) if fp32 else np.dtype(param_dtype)
         n = stack.get(path, 0)
-        out[path] = Target(name, tuple(leaf.shape), dtype, ow.chunk_shape(leaf.shape, n, dtype.itemsize), n)
+        out[path] = Target(ow.param_name(path), shape, dtype, ow.chunk_shape(shape, n, dtype.itemsize), n)
     return out
 
 
@@ -258,17 +255,13 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     """
     import gc
 
-    from flax import nnx
-
-    from m1_jax.model import abstract_model
-
-    gc.freeze()  # the imported modules' objects: the collector need not scan them again and again
     src_path, dst = os.fspath(src_path), os.fspath(dst)
     cfg = M1Config.from_json(os.path.join(src_path, "config.json"))
     src = open_source(src_path, direct=True)
+    src.readahead(STARTUP_READAHEAD_BYTES)  # the device reads while the plan is checked
+    gc.freeze()  # the imported modules' objects: the collector need not scan them again and again
     dtype_name = resolve_dtype(dtype, cfg, src)
-    state = nnx.state(abstract_model(cfg, param_dtype=np.dtype(dtype_name)))
-    tgts = targets(cfg, state)
+    tgts = targets(cfg, dtype_name)
     jobs = plan_all(cfg, src, tgts)  # every bad input fails here, before DST is touched
     record = mf.make_record(cfg, src, src_path, dtype_name)
     prepare_destination(dst, record, resume)
@@ -291,7 +284,7 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     finally:
         bar.close()
         manifest.close()
-    ow.write_metadata(state_dir, ow.tree_leaves(state))
+    ow.write_metadata(state_dir, ow.param_entries({p: t.shape for p, t in tgts.items()}))
     summary = {"tensors": len(jobs), "bytes": sum(sizes.values()), "dtype": dtype_name, "dst": dst}
     if verify:
         from m1_jax.convert.verify import verify_conversion

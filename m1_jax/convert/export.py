@@ -69,17 +69,15 @@ def _header(entries) -> bytes:
 
 def export(ckpt: str, dst: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict:
     """Writes ``dst`` (safetensors shards + index + config.json + tokenizer files) from ``ckpt``."""
-    from flax import nnx
 
     from m1_jax.convert.convert import TOKENIZER_FILES, targets
-    from m1_jax.model import abstract_model
 
     ckpt, dst = os.fspath(ckpt), os.fspath(dst)
     record = mf.check_loadable(ckpt)
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise CheckpointError(f"{dst}: exists and is not empty; choose a new export directory")
     cfg = M1Config.from_json(os.path.join(ckpt, "config.json"))
-    tgts = targets(cfg, nnx.state(abstract_model(cfg, param_dtype=np.dtype(record["dtype"]))))
+    tgts = targets(cfg, record["dtype"])
     state_dir = os.path.join(ckpt, mf.STATE_DIR)
     meta = ow.read_metadata(state_dir)
     arrays = {p: ow.open_array(state_dir, t.name, meta) for p, t in tgts.items()}

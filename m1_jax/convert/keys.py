@@ -60,6 +60,8 @@ class KeyRule:
     #             d head_dim, E experts, I expert width
     layer_type: str | None = None  # LINEAR / FULL for attention weights; None: any layer / not per-layer
     canonical: bool = True  # the original M1 name (export writes these); aliases are False
+    param_shape: str = ""  # canonical rows: the parameter's shape per slot (same terms as ``shape``)
+    fp32: bool = False  # the parameter stays float32 whatever the model's parameter dtype
 
     @property
     def per_layer(self) -> bool:
@@ -78,26 +80,28 @@ class KeyRule:
 _L = "model.layers.{layer}."
 _MOE = _L + "block_sparse_moe."
 KEY_TABLE: tuple[KeyRule, ...] = (
-    KeyRule("model.embed_tokens.weight", "embed_tokens", _vector, "V,D"),
-    KeyRule("model.norm.weight", "norm.weight", _vector, "D"),
-    KeyRule("lm_head.weight", "lm_head", _linear, "V,D"),
-    KeyRule(_L + "input_layernorm.weight", "input_layernorm.weight", _vector, "D"),
-    KeyRule(_L + "post_attention_layernorm.weight", "post_attention_layernorm.weight", _vector, "D"),
+    KeyRule("model.embed_tokens.weight", "embed_tokens", _vector, "V,D", param_shape="V,D"),
+    KeyRule("model.norm.weight", "norm.weight", _vector, "D", param_shape="D"),
+    KeyRule("lm_head.weight", "lm_head", _linear, "V,D", param_shape="D,V"),
+    KeyRule(_L + "input_layernorm.weight", "input_layernorm.weight", _vector, "D", param_shape="D"),
+    KeyRule(_L + "post_attention_layernorm.weight", "post_attention_layernorm.weight", _vector, "D",
+            param_shape="D"),
     # lightning attention
-    KeyRule(_L + "self_attn.qkv_proj.weight", "self_attn.qkv_proj", _linear, "3*H*d,D", LINEAR),
-    KeyRule(_L + "self_attn.output_gate.weight", "self_attn.output_gate", _linear, "H*d,D", LINEAR),
-    KeyRule(_L + "self_attn.norm.weight", "self_attn.norm.weight", _vector, "H*d", LINEAR),
-    KeyRule(_L + "self_attn.out_proj.weight", "self_attn.out_proj", _linear, "D,H*d", LINEAR),
+    KeyRule(_L + "self_attn.qkv_proj.weight", "self_attn.qkv_proj", _linear, "3*H*d,D", LINEAR, param_shape="D,H,3*d"),
+    #         ^ head-interleaved: each head's q, k, v rows together,
+    KeyRule(_L + "self_attn.output_gate.weight", "self_attn.output_gate", _linear, "H*d,D", LINEAR, param_shape="D,H,d"),
+    KeyRule(_L + "self_attn.norm.weight", "self_attn.norm.weight", _vector, "H*d", LINEAR, param_shape="H,d"),
+    KeyRule(_L + "self_attn.out_proj.weight", "self_attn.out_proj", _linear, "D,H*d", LINEAR, param_shape="H,d,D"),
     # softmax attention
-    KeyRule(_L + "self_attn.q_proj.weight", "self_attn.q_proj", _linear, "H*d,D", FULL),
-    KeyRule(_L + "self_attn.k_proj.weight", "self_attn.k_proj", _linear, "K*d,D", FULL),
-    KeyRule(_L + "self_attn.v_proj.weight", "self_attn.v_proj", _linear, "K*d,D", FULL),
-    KeyRule(_L + "self_attn.o_proj.weight", "self_attn.o_proj", _linear, "D,H*d", FULL),
+    KeyRule(_L + "self_attn.q_proj.weight", "self_attn.q_proj", _linear, "H*d,D", FULL, param_shape="D,H,d"),
+    KeyRule(_L + "self_attn.k_proj.weight", "self_attn.k_proj", _linear, "K*d,D", FULL, param_shape="D,K,d"),
+    KeyRule(_L + "self_attn.v_proj.weight", "self_attn.v_proj", _linear, "K*d,D", FULL, param_shape="D,K,d"),
+    KeyRule(_L + "self_attn.o_proj.weight", "self_attn.o_proj", _linear, "D,H*d", FULL, param_shape="H,d,D"),
     # mixture of experts (original names)
-    KeyRule(_MOE + "gate.weight", "block_sparse_moe.gate", _linear, "E,D"),
-    KeyRule(_MOE + "experts.{expert}.w1.weight", "block_sparse_moe.w1", _linear, "I,D"),
-    KeyRule(_MOE + "experts.{expert}.w3.weight", "block_sparse_moe.w3", _linear, "I,D"),
-    KeyRule(_MOE + "experts.{expert}.w2.weight", "block_sparse_moe.w2", _linear, "D,I"),
+    KeyRule(_MOE + "gate.weight", "block_sparse_moe.gate", _linear, "E,D", param_shape="D,E", fp32=True),
+    KeyRule(_MOE + "experts.{expert}.w1.weight", "block_sparse_moe.w1", _linear, "I,D", param_shape="D,I"),
+    KeyRule(_MOE + "experts.{expert}.w3.weight", "block_sparse_moe.w3", _linear, "I,D", param_shape="D,I"),
+    KeyRule(_MOE + "experts.{expert}.w2.weight", "block_sparse_moe.w2", _linear, "D,I", param_shape="I,D"),
     # transformers-5 names (``.mlp.``, experts fused and stacked)
     KeyRule(_L + "mlp.gate.weight", "block_sparse_moe.gate", _linear, "E,D", canonical=False),
     KeyRule(_L + "mlp.experts.gate_up_proj", "block_sparse_moe.w1", _gate_half, "E,2*I,D", canonical=False),
@@ -107,6 +111,8 @@ KEY_TABLE: tuple[KeyRule, ...] = (
     KeyRule(_L + "mlp.experts.{expert}.w3.weight", "block_sparse_moe.w3", _linear, "I,D", canonical=False),
     KeyRule(_L + "mlp.experts.{expert}.w2.weight", "block_sparse_moe.w2", _linear, "D,I", canonical=False),
 )
+
+_RULE_OF_PARAM = {tuple(int(p) if p.isdigit() else p for p in r.param.split(".")): r for r in KEY_TABLE if r.canonical}
 
 # Buffers derived from the config that some writers save (transformers' decay tables, rotary caches).
 IGNORED = re.compile(r".*\.(slope_rate|query_decay|key_decay|diagonal_decay|inv_freq|cos_cached|sin_cached)\Z")
@@ -202,6 +208,20 @@ def canonical_keys(cfg: M1Config):
                 key = rule.hf.format(layer=layer, expert=e)
                 slot = (() if layer is None else (layer // cfg.period,)) + (() if e is None else (e,))
                 yield key, Placement(key, param_path(cfg, rule, layer), slot, rule.layout, hf_shape(cfg, rule.shape))
+
+
+def param_layout(cfg: M1Config) -> dict[tuple, tuple[tuple[int, ...], bool]]:
+    """Every model parameter, from the canonical rows: flat NNX path -> (stacked shape, stays float32).
+
+    A per-layer parameter has a leading ``[num_periods]`` axis and an expert weight then ``[num_experts]``
+    (tests check this equals the state of :func:`m1_jax.model.abstract_model` for every shipped config).
+    """
+    out: dict[tuple, tuple[tuple[int, ...], bool]] = {}
+    for _, pl in canonical_keys(cfg):
+        rule = _RULE_OF_PARAM[pl.path[3:] if pl.path[0] == "periods" else pl.path]
+        lead = ((cfg.num_periods,) if pl.slot else ()) + ((cfg.num_local_experts,) if rule.per_expert else ())
+        out[pl.path] = (lead + hf_shape(cfg, rule.param_shape), rule.fp32)
+    return out
 
 
 def to_checkpoint_layout(placement: Placement, value: np.ndarray) -> np.ndarray:

@@ -19,7 +19,6 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
 import tensorstore as ts
 
@@ -33,6 +32,8 @@ HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCh
 
 def _key_name(k) -> tuple[str, int]:
     """(name, orbax key type: 1 sequence, 2 dict) of one JAX key-path entry."""
+    import jax
+
     if isinstance(k, jax.tree_util.SequenceKey):
         return str(k.idx), 1
     if isinstance(k, jax.tree_util.FlattenedIndexKey):
@@ -46,11 +47,31 @@ def _key_name(k) -> tuple[str, int]:
 
 def tree_leaves(state) -> list[tuple[tuple, str, list, object]]:
     """``(tree path, orbax parameter name, key metadata, leaf)`` for every leaf of ``state``."""
+    import jax  # here, not at import: a conversion reads ahead while JAX loads
+
     out = []
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         names = [_key_name(k) for k in keypath]
         key_md = [{"key": n, "key_type": t} for n, t in names]
         out.append((tuple(n for n, _ in names), ".".join(n for n, _ in names), key_md, leaf))
+    return out
+
+
+VALUE = "value"  # NNX flattens a Variable to its value: every parameter's tree path ends in it
+
+
+def param_name(path: tuple) -> str:
+    """The Orbax parameter name of the NNX state path ``path`` (``periods.layers.3.self_attn.q_proj.value``)."""
+    return ".".join(map(str, path)) + "." + VALUE
+
+
+def param_entries(shapes: dict[tuple, tuple[int, ...]]) -> list[tuple[tuple, str, list, tuple[int, ...]]]:
+    """``(tree path, orbax name, key metadata, shape)`` per parameter, as :func:`tree_leaves` gives them
+    for an NNX state of these parameters (nested dicts, each ending in the Variable's value), without JAX."""
+    out = []
+    for path, shape in shapes.items():
+        names = tuple(map(str, path)) + (VALUE,)
+        out.append((names, param_name(path), [{"key": n, "key_type": 2} for n in names], tuple(shape)))
     return out
 
 
@@ -86,13 +107,13 @@ def create_array(directory: str, name: str, shape, dtype, chunks) -> ts.TensorSt
 _CONTEXT = ts.Context({"file_io_sync": False})
 
 
-def write_metadata(directory: str, leaves: list[tuple[tuple, str, list, object]]) -> None:
-    """The two records Orbax restores from; written last, after every array is complete."""
+def write_metadata(directory: str, entries: list[tuple[tuple, str, list, tuple[int, ...]]]) -> None:
+    """The two records Orbax restores from (:func:`param_entries`); written last, after every array."""
     tree = {}
-    for path, _, key_md, leaf in leaves:
+    for path, _, key_md, shape in entries:
         tree[str(path)] = {"key_metadata": key_md,
                            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
-                                              "write_shape": list(leaf.shape)}}
+                                              "write_shape": list(shape)}}
     meta = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
             "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
     now = time.time_ns()

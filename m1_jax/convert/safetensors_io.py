@@ -39,7 +39,6 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-READAHEAD_BYTES = 512 << 20  # how far a conversion asks the OS to read ahead of the tensor it converts
 
 
 class CheckpointError(ValueError):
@@ -90,26 +89,6 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     return out
 
 
-def readahead(path: str, nbytes: int) -> None:
-    """Asks the OS to start reading the first ``nbytes`` of a checkpoint directory's safetensors files
-    (in name order, the order a conversion reads them) in the background; a hint, never an error."""
-    if not hasattr(os, "posix_fadvise") or not os.path.isdir(path):
-        return
-    for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
-        if nbytes <= 0:
-            return
-        try:
-            fd = os.open(os.path.join(path, name), os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            size = os.fstat(fd).st_size
-            os.posix_fadvise(fd, 0, min(size, nbytes), os.POSIX_FADV_WILLNEED)
-            nbytes -= size
-        finally:
-            os.close(fd)
-
-
 def read_weight_map(index: str) -> dict[str, str]:
     """The ``weight_map`` (tensor key -> shard file) of a checkpoint index file."""
     with open(index) as f:
@@ -148,14 +127,17 @@ class LazyCheckpoint(abc.ABC):
     def prefetch(self, key: str) -> None:
         """Hints that ``key`` will be read soon (readers of plain files start reading ahead)."""
 
+    def readahead(self, nbytes: int) -> None:
+        """Hints that the first ``nbytes`` of tensor data, in file order, will be read soon."""
+
 
 class SafetensorsCheckpoint(LazyCheckpoint):
     """All tensors of a checkpoint directory, read lazily through the index.
 
     ``direct=True``: :meth:`read_into` a page-aligned buffer reads with ``O_DIRECT``, straight from the
     device into the buffer, bypassing the page cache (a conversion reads every byte once: caching it
-    only costs memory and, on a VM, page faults); where the file system refuses direct I/O, reads fall
-    back to the page cache.
+    only costs memory and, on a VM, page faults), except what :meth:`readahead` asked the OS to cache;
+    where the file system refuses direct I/O, reads fall back to the page cache.
     """
 
     def __init__(self, path: str | os.PathLike, direct: bool = False):
@@ -188,6 +170,20 @@ class SafetensorsCheckpoint(LazyCheckpoint):
         self._lock = threading.Lock()
         self.direct = direct and hasattr(os, "O_DIRECT")
         self.read_slack = 2 * PAGE if self.direct else 0
+        self._cached: dict[str, int] = {}  # file -> length of its start that readahead() hinted
+
+    def readahead(self, nbytes: int) -> None:
+        """Asks the OS to read the first ``nbytes`` of the tensor data, in file order (the order a
+        conversion reads it), into the page cache in the background; reads of it then use the cache."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for file in sorted({t.file for t in self.tensors.values()}):
+            if nbytes <= 0:
+                return
+            size = os.path.getsize(file)
+            os.posix_fadvise(self._fd(file), 0, min(size, nbytes), os.POSIX_FADV_WILLNEED)
+            self._cached[file] = min(size, nbytes)
+            nbytes -= size
 
     def _fd(self, file: str, direct: bool = False) -> int:
         with self._lock:
@@ -212,7 +208,8 @@ class SafetensorsCheckpoint(LazyCheckpoint):
     def read_into(self, key: str, buf: np.ndarray) -> np.ndarray:
         t = self.tensors[key]
         buf = buf.reshape(-1).view(np.uint8)
-        if self.direct and buf.ctypes.data % PAGE == 0 and len(buf) >= t.nbytes + self.read_slack:
+        if (self.direct and buf.ctypes.data % PAGE == 0 and len(buf) >= t.nbytes + self.read_slack
+                and t.start + t.nbytes > self._cached.get(t.file, 0)):
             try:
                 return self._read_direct(key, t, buf)
             except OSError as e:
@@ -249,5 +246,5 @@ class SafetensorsCheckpoint(LazyCheckpoint):
 
     def prefetch(self, key: str) -> None:
         t = self.tensors[key]
-        if hasattr(os, "posix_fadvise") and not self.direct:
+        if hasattr(os, "posix_fadvise") and not self.direct:  # direct reads would read it twice
             os.posix_fadvise(self._fd(t.file), t.start, t.nbytes, os.POSIX_FADV_WILLNEED)

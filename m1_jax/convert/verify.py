@@ -28,16 +28,13 @@ class VerificationError(CheckpointError):
 
 
 def verify_conversion(src_path: str, dst: str, *, mesh=None, progress: bool = True) -> dict:
-    from flax import nnx
 
     from m1_jax.convert.convert import open_source, plan_all, slot_pieces, targets
-    from m1_jax.model import abstract_model
 
     cfg = M1Config.from_json(os.path.join(src_path, "config.json"))
     record = mf.read_record(dst)
     src = open_source(src_path)
-    abstract = abstract_model(cfg, param_dtype=np.dtype(record["dtype"]))
-    tgts = targets(cfg, nnx.state(abstract))
+    tgts = targets(cfg, record["dtype"])
     jobs = plan_all(cfg, src, tgts)
     manifest = mf.Manifest(dst)
     state_dir = os.path.join(dst, mf.STATE_DIR)

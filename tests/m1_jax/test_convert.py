@@ -1,6 +1,7 @@
 """``m1 convert`` / ``m1 export`` against the golden checkpoints: logits, layout, round trip."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import m1_jax
 from m1_jax.cli import main
 from m1_jax.convert import manifest as mf
 from m1_jax.convert import orbax_writer as ow
-from m1_jax.convert.convert import convert
+from m1_jax.convert.convert import convert, targets
 from m1_jax.convert.export import export
 from m1_jax.convert.safetensors_io import SafetensorsCheckpoint
 
@@ -60,6 +61,21 @@ def test_layout_is_the_models_state(sharded_dst, golden_dir):
     assert arrays["periods.layers.0.block_sparse_moe.gate.value"].dtype == np.float32  # router stays fp32
     for f in ("config.json", mf.RECORD_FILE, mf.COMPLETE_FILE):
         assert (sharded_dst / f).is_file()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("*.json")
+                                           if "num_hidden_layers" in p.read_text()))
+def test_param_layout_is_the_models_state_for_every_config(config):
+    """The converter writes from the key table's layout alone (no JAX): it must be exactly the model's."""
+    cfg = m1_jax.M1Config.from_json(Path(__file__).parents[2] / "configs" / config)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        abstract = nnx.state(m1_jax.abstract_model(cfg, param_dtype=dtype))
+        want = {names: (name, key_md, tuple(leaf.shape), np.dtype(leaf.dtype))
+                for names, name, key_md, leaf in ow.tree_leaves(abstract)}
+        tgts = targets(cfg, np.dtype(dtype))
+        got = {names: (name, key_md, shape, tgts[path].dtype) for (names, name, key_md, shape), path
+               in zip(ow.param_entries({p: t.shape for p, t in tgts.items()}), tgts)}
+        assert got == want
 
 
 def test_sharded_bf16_restores_to_golden_logits(sharded_dst, golden):

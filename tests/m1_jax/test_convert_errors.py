@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from test_convert import assert_same_arrays, converted_arrays
 
 import m1_jax
 from m1_jax.cli import main
@@ -14,7 +15,6 @@ from m1_jax.convert import convert as convert_mod
 from m1_jax.convert import manifest as mf
 from m1_jax.convert.convert import convert
 from m1_jax.convert.safetensors_io import CheckpointError
-from test_convert import assert_same_arrays, converted_arrays
 
 SHARD3 = "model-00003-of-00004.safetensors"
 
@@ -143,13 +143,8 @@ def test_interrupted_conversion_resumes_to_the_clean_result(golden_dir, tmp_path
 
 
 def _plan_args(src_path):
-    from flax import nnx
-
-    from m1_jax.model import abstract_model
-
     cfg = M1Config.from_json(src_path / "config.json")
-    src = convert_mod.open_source(str(src_path))
-    return cfg, src, convert_mod.targets(cfg, nnx.state(abstract_model(cfg, param_dtype=np.dtype("bfloat16"))))
+    return cfg, convert_mod.open_source(str(src_path)), convert_mod.targets(cfg, "bfloat16")
 
 
 def test_cut_manifest_line_is_redone(golden_dir, tmp_path, clean):
