@@ -134,6 +134,9 @@ def main(argv=None) -> int:
         "rss_ok": peak <= limit, "throughput_ok": med["read_s"] / med["convert_s"] >= 0.4,
     }
 
+    ratios = [r["read_s"] / r["convert_s"] for r in runs]  # each run's read and convert ran back to back
+    res["convert_vs_read_each_run"] = ratios
+
     def spread(k):
         return f"[{min(r[k] for r in runs):.2f}-{max(r[k] for r in runs):.2f}]"
 
@@ -146,8 +149,8 @@ def main(argv=None) -> int:
         (f"m1 convert ({args.cache}, incl. sync)",
          f"{med['convert_s']:.2f} s {spread('convert_s')}  {res['convert_MBps']:.0f} MB/s, "
          f"CPU {med['convert_cpu_s']:.1f} s"),
-        ("convert / read speed", f"{res['convert_vs_read']:.1%}  (target >= 40%: "
-                                 f"{'met' if res['throughput_ok'] else 'MISSED'})"),
+        ("convert / read speed", f"{res['convert_vs_read']:.1%}  (each run {min(ratios):.0%}-{max(ratios):.0%}; "
+                                 f"target >= 40%: {'met' if res['throughput_ok'] else 'MISSED'})"),
         ("convert / read+write speed", f"{res['convert_vs_read_write']:.1%}"),
         ("peak RSS of m1 convert", f"{peak / mb:.0f} MB  (limit 3 x {largest / mb:.0f} + 500 = {limit / mb:.0f} MB: "
                                    f"{'met' if res['rss_ok'] else 'EXCEEDED'})"),

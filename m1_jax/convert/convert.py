@@ -5,10 +5,12 @@ stacked experts, Flax ``[in, out]``) written as an Orbax PyTree checkpoint under
 ``config.json``, the tokenizer files and the records of :mod:`m1_jax.convert.manifest`.
 
 Streaming: every source tensor is checked against the config from the headers alone before anything
-is written; then tensors are read one at a time (in file order) through the key table
-(:func:`m1_jax.convert.keys.plan`), and each slot is written region by region, one chunk-sized piece
-at a time (:mod:`m1_jax.convert.orbax_writer`). Peak host memory is about one source tensor plus a
-few pieces, whatever the depth.
+is written; the parameter layout comes from the key table (:func:`m1_jax.convert.keys.param_layout`),
+so no JAX is loaded. Then worker threads convert tensors side by side in file order: each reads one
+tensor (direct I/O into a reused, page-aligned buffer), changes its layout one chunk-sized piece at a
+time (:mod:`m1_jax.convert.transpose`) and writes each piece as a chunk file of its slot
+(:mod:`m1_jax.convert.orbax_writer`). Host memory is bounded by :class:`~m1_jax.convert.buffers.BufferPool`
+(two of the largest tensors' buffers), whatever the depth or the number of workers.
 """
 
 from __future__ import annotations
@@ -255,6 +257,8 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     """
     import gc
 
+    if workers is not None and workers < 1:
+        raise CheckpointError(f"workers={workers}: expected a positive number of threads")
     src_path, dst = os.fspath(src_path), os.fspath(dst)
     cfg = M1Config.from_json(os.path.join(src_path, "config.json"))
     src = open_source(src_path, direct=True)

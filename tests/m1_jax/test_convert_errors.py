@@ -104,6 +104,8 @@ def test_destination_holding_something_else(golden_dir, tmp_path):
     with pytest.raises(CheckpointError, match="already holds this complete conversion"):
         convert(golden_dir / "sharded", dst, progress=False)
     assert main(["convert", str(golden_dir), str(dst), "--no-progress"]) == 2  # one clear line, no trace
+    assert main(["convert", str(golden_dir), str(tmp_path / "new"), "--workers", "0"]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("workers", [1, 3])
