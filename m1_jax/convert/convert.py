@@ -194,7 +194,8 @@ def _write_all(src, arrays, tgts, todo, manifest, workers: int, bar, n_jobs: int
     Threads overlap reading, layout copies, checksums and writes (numpy, the checksum and file I/O
     release the GIL). Each tensor runs in one buffer of the pool (source bytes, then its converted
     piece); the pool holds at most two of the largest such buffers, which bounds host memory whatever
-    the number of workers. Tensors are recorded in submission order, so after an interruption the
+    the number of workers (when ``--dtype`` changes the element type, each worker also holds one
+    converted piece of at most ``CHUNK_BYTES``). Tensors are recorded in submission order, so after an interruption the
     manifest holds exactly the tensors before the first unfinished one.
     """
     def cost(key, placements):

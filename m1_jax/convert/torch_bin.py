@@ -84,10 +84,19 @@ class TorchCheckpoint(LazyCheckpoint):
     def read(self, key: str) -> np.ndarray:
         """One tensor as stored (dtype and shape), copied out of the memory map."""
         info = self.tensors[key]
-        t = self._files[info.file][key].contiguous()
+        return self.read_into(key, np.empty(info.nbytes, np.uint8))
+
+    def read_into(self, key: str, buf: np.ndarray) -> np.ndarray:
+        info = self.tensors[key]
+        out = buf.reshape(-1).view(np.uint8)[: info.nbytes]
+        if len(out) < info.nbytes:
+            raise ValueError(f"read_into: buffer of {len(out)} bytes for '{key}' of {info.nbytes}")
+        t = self._files[info.file][key]
         try:
+            t = t.contiguous()
             if t.dtype == self._torch.bfloat16:
-                return t.view(self._torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
-            return t.numpy().copy()
+                t = t.view(self._torch.int16)
+            np.copyto(out.view(t.numpy().dtype), t.numpy().reshape(-1))
         except RuntimeError as e:  # a short file surfaces here when the map is touched
             raise CheckpointError(f"{info.file}: truncated while reading '{key}': {e}") from None
+        return out.view(info.dtype).reshape(info.shape)
