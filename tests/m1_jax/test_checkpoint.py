@@ -119,3 +119,21 @@ def test_sigkill_during_async_save_resumes_from_last_complete(tmp_path):
     a, b = params_of(straight), params_of(resumed)
     for k in a:
         np.testing.assert_array_equal(b[k], a[k], err_msg=str(k))
+
+
+def test_init_from_a_converted_checkpoint(tmp_path, golden_dir):
+    """``m1 train --init-from DST``: training starts from the weights ``m1 convert`` wrote, on a mesh."""
+    import m1_jax
+    from m1_jax.convert.convert import convert
+
+    dst = tmp_path / "converted"
+    convert(golden_dir / "sharded", dst, progress=False)
+    run = tiny_run(text_corpus(tmp_path), 1)
+    run.optimizer.lr = 0.0  # the one step leaves the weights where they started
+    summary = fit(run, str(tmp_path / "w"), init_from=str(dst), progress=False)
+    assert np.isfinite(summary.losses[0])
+    want = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(m1_jax.from_pretrained(dst), nnx.Param))}
+    got = params_of(summary)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k].astype(got[k].dtype), err_msg=str(k))
