@@ -56,7 +56,8 @@ class DecoderLayer(nnx.Module):
             attn = self.self_attn(h, positions, segment_ids=segment_ids)
         a = self.alpha * h + self.beta * attn
         g = self.post_attention_layernorm(a)
-        moe, _, aux = self.block_sparse_moe(g, impl=moe_impl)
+        real = None if segment_ids is None else segment_ids != 0  # padding does not count in the aux loss
+        moe, _, aux = self.block_sparse_moe(g, impl=moe_impl, token_mask=real)
         out = sharding.constrain(self.mlp_alpha * g + self.mlp_beta * moe, sharding.HIDDEN)
         return (out, aux) if cache is None else (out, aux, cache)
 

@@ -33,16 +33,20 @@ def route(x: jax.Array, router: jax.Array, top_k: int) -> tuple[jax.Array, jax.A
     return logits, weights, experts
 
 
-def load_balancing_loss(logits: jax.Array, experts: jax.Array, num_experts: int) -> jax.Array:
-    """Switch/Mixtral auxiliary loss ``E * sum_e f_e P_e`` over all tokens of the layer.
+def load_balancing_loss(logits: jax.Array, experts: jax.Array, num_experts: int,
+                        token_mask: jax.Array | None = None) -> jax.Array:
+    """Switch/Mixtral auxiliary loss ``E * sum_e f_e P_e`` over the tokens of the layer.
 
     ``f_e``: routed (token, slot) pairs of expert e per token; ``P_e``: mean router probability.
-    Its minimum, ``top_k``, is reached by uniform routing.
+    Its minimum, ``top_k``, is reached by uniform routing. ``token_mask`` (bool, the leading shape of
+    ``logits``): only these tokens count (padding does not); None: all.
     """
     probs = jax.nn.softmax(logits.reshape(-1, num_experts), axis=-1)
-    counts = jnp.sum(jax.nn.one_hot(experts.reshape(-1), num_experts, dtype=jnp.float32), axis=0)
-    f = counts / probs.shape[0]
-    return num_experts * jnp.sum(f * jnp.mean(probs, axis=0))
+    w = jnp.ones(probs.shape[:1], jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    hits = jax.nn.one_hot(experts.reshape(probs.shape[0], -1), num_experts, dtype=jnp.float32)
+    f = jnp.einsum("nke,n->e", hits, w) / n
+    return num_experts * jnp.sum(f * (w @ probs) / n)
 
 
 def experts_dense(x, weights, experts, w1, w3, w2, dtype):
@@ -87,8 +91,11 @@ class MoE(nnx.Module):
         self.w3 = param(rngs, (E, D, I), ("experts", "embed", "mlp"), dtype=param_dtype, std=std)
         self.w2 = param(rngs, (E, I, D), ("experts", "mlp", "embed"), dtype=param_dtype, std=std)
 
-    def __call__(self, x: jax.Array, *, impl: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [batch, time, hidden] -> (output, router logits fp32 [batch, time, E], aux loss scalar)."""
+    def __call__(self, x: jax.Array, *, impl: str | None = None,
+                 token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [batch, time, hidden] -> (output, router logits fp32 [batch, time, E], aux loss scalar).
+
+        ``token_mask`` [batch, time] (bool): the tokens the aux loss averages over (None: all)."""
         impl = impl or self.impl
         if impl not in MOE_IMPLS:
             raise ValueError(f"moe impl must be one of {MOE_IMPLS}, got {impl!r}")
@@ -101,5 +108,5 @@ class MoE(nnx.Module):
             fn = experts_dense if impl == "dense" else experts_ragged
             y = fn(x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1),
                    self.w1[...], self.w3[...], self.w2[...], self.dtype)
-        aux = load_balancing_loss(logits, experts, self.cfg.num_local_experts)
+        aux = load_balancing_loss(logits, experts, self.cfg.num_local_experts, token_mask)
         return y.reshape(B, T, D), logits, aux

@@ -88,3 +88,32 @@ def test_dense_and_ragged_gradients_match(skewed):
     # Expert 5 received no token: its gradient is exactly zero on both paths; expert 0's is not.
     for g in (gmd, gmr):
         assert not np.asarray(g.w1[...])[E - 1].any() and np.asarray(g.w1[...])[0].any()
+
+
+def test_aux_loss_counts_only_real_tokens(skewed):
+    """With a token mask the load-balancing loss is the one of the real tokens alone."""
+    from m1_jax.layers.moe import load_balancing_loss
+
+    moe, x = skewed
+    logits, _, experts = route(x, moe.gate[...], 2)
+    mask = np.zeros(x.shape[:2], bool)
+    mask[0, :11], mask[1, :4] = True, True
+    real = np.asarray(mask).reshape(-1)
+    want = load_balancing_loss(np.asarray(logits).reshape(-1, E)[real], np.asarray(experts).reshape(-1, 2)[real], E)
+    got = load_balancing_loss(logits, experts, E, jnp.asarray(mask))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    assert abs(float(load_balancing_loss(logits, experts, E)) - float(want)) > 1e-3  # padding would change it
+    np.testing.assert_allclose(float(load_balancing_loss(logits, experts, E, jnp.ones(mask.shape, bool))),
+                               float(load_balancing_loss(logits, experts, E)), rtol=1e-6)
+
+
+def test_model_aux_loss_ignores_padding(configs_dir):
+    """A row padded at the end (segment id 0) has the aux loss of the same row unpadded, layer by layer."""
+    cfg = m1_jax.M1Config.from_json(configs_dir / "tiny.json")
+    model = m1_jax.init_model(cfg, seed=0)
+    ids = jax.random.randint(jax.random.key(2), (1, 24), 0, cfg.vocab_size)
+    seg = jnp.asarray([[1] * 17 + [0] * 7])
+    _, padded = model(ids, segment_ids=seg, return_aux=True)
+    _, alone = model(ids[:, :17], return_aux=True)
+    np.testing.assert_allclose(np.asarray(padded["aux_loss_per_layer"]), np.asarray(alone["aux_loss_per_layer"]),
+                               rtol=1e-5)
