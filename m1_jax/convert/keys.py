@@ -112,8 +112,6 @@ KEY_TABLE: tuple[KeyRule, ...] = (
     KeyRule(_L + "mlp.experts.{expert}.w2.weight", "block_sparse_moe.w2", _linear, "D,I", canonical=False),
 )
 
-_RULE_OF_PARAM = {tuple(int(p) if p.isdigit() else p for p in r.param.split(".")): r for r in KEY_TABLE if r.canonical}
-
 # Buffers derived from the config that some writers save (transformers' decay tables, rotary caches).
 IGNORED = re.compile(r".*\.(slope_rate|query_decay|key_decay|diagonal_decay|inv_freq|cos_cached|sin_cached)\Z")
 
@@ -196,6 +194,12 @@ def plan(cfg: M1Config, key: str) -> list[Placement] | None:
 
 def canonical_keys(cfg: M1Config):
     """Yields ``(checkpoint key, placement)`` for every tensor of the original M1 layout (export)."""
+    for _, key, placement in _canonical_rows(cfg):
+        yield key, placement
+
+
+def _canonical_rows(cfg: M1Config):
+    """``(rule, checkpoint key, placement)`` for every tensor of the original M1 layout."""
     for rule in KEY_TABLE:
         if not rule.canonical:
             continue
@@ -207,7 +211,8 @@ def canonical_keys(cfg: M1Config):
             for e in experts:
                 key = rule.hf.format(layer=layer, expert=e)
                 slot = (() if layer is None else (layer // cfg.period,)) + (() if e is None else (e,))
-                yield key, Placement(key, param_path(cfg, rule, layer), slot, rule.layout, hf_shape(cfg, rule.shape))
+                yield rule, key, Placement(key, param_path(cfg, rule, layer), slot, rule.layout,
+                                           hf_shape(cfg, rule.shape))
 
 
 def param_layout(cfg: M1Config) -> dict[tuple, tuple[tuple[int, ...], bool]]:
@@ -217,8 +222,7 @@ def param_layout(cfg: M1Config) -> dict[tuple, tuple[tuple[int, ...], bool]]:
     (tests check this equals the state of :func:`m1_jax.model.abstract_model` for every shipped config).
     """
     out: dict[tuple, tuple[tuple[int, ...], bool]] = {}
-    for _, pl in canonical_keys(cfg):
-        rule = _RULE_OF_PARAM[pl.path[3:] if pl.path[0] == "periods" else pl.path]
+    for rule, _, pl in _canonical_rows(cfg):
         lead = ((cfg.num_periods,) if pl.slot else ()) + ((cfg.num_local_experts,) if rule.per_expert else ())
         out[pl.path] = (lead + hf_shape(cfg, rule.param_shape), rule.fp32)
     return out

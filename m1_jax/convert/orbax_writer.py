@@ -30,33 +30,6 @@ CHECKPOINT_METADATA_FILE = "_CHECKPOINT_METADATA"
 HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 
 
-def _key_name(k) -> tuple[str, int]:
-    """(name, orbax key type: 1 sequence, 2 dict) of one JAX key-path entry."""
-    import jax
-
-    if isinstance(k, jax.tree_util.SequenceKey):
-        return str(k.idx), 1
-    if isinstance(k, jax.tree_util.FlattenedIndexKey):
-        return str(k.key), 1
-    if isinstance(k, jax.tree_util.DictKey):
-        return str(k.key), 2
-    if isinstance(k, jax.tree_util.GetAttrKey):
-        return k.name, 2
-    raise ValueError(f"unsupported pytree key {k!r}")
-
-
-def tree_leaves(state) -> list[tuple[tuple, str, list, object]]:
-    """``(tree path, orbax parameter name, key metadata, leaf)`` for every leaf of ``state``."""
-    import jax  # here, not at import: a conversion reads ahead while JAX loads
-
-    out = []
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        names = [_key_name(k) for k in keypath]
-        key_md = [{"key": n, "key_type": t} for n, t in names]
-        out.append((tuple(n for n, _ in names), ".".join(n for n, _ in names), key_md, leaf))
-    return out
-
-
 VALUE = "value"  # NNX flattens a Variable to its value: every parameter's tree path ends in it
 
 
@@ -66,8 +39,9 @@ def param_name(path: tuple) -> str:
 
 
 def param_entries(shapes: dict[tuple, tuple[int, ...]]) -> list[tuple[tuple, str, list, tuple[int, ...]]]:
-    """``(tree path, orbax name, key metadata, shape)`` per parameter, as :func:`tree_leaves` gives them
-    for an NNX state of these parameters (nested dicts, each ending in the Variable's value), without JAX."""
+    """``(tree path, orbax name, key metadata, shape)`` per parameter, as Orbax names the leaves of an NNX
+    state of these parameters (nested dicts, each ending in the Variable's value); no JAX needed (tests
+    compare it with the flattened state of the model)."""
     out = []
     for path, shape in shapes.items():
         names = tuple(map(str, path)) + (VALUE,)

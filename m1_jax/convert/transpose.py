@@ -30,7 +30,7 @@ def _as_uint(a: np.ndarray) -> np.ndarray:
 def _fast_path_ok(a: np.ndarray) -> bool:
     k = UNIT.itemsize // a.itemsize if a.itemsize and UNIT.itemsize % a.itemsize == 0 else 0
     return (a.ndim == 2 and k > 1 and a.shape[1] % k == 0 and a.strides[1] == a.itemsize
-            and a.strides[0] % a.itemsize == 0 and a.dtype.kind in "biufcV")
+            and a.strides[0] % a.itemsize == 0)
 
 
 def transpose_into(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -41,6 +41,26 @@ def golden(golden_dir):
             "out": np.load(golden_dir / "outputs.npz")}
 
 
+def _state_leaves(state) -> list[tuple[tuple, str, list, object]]:
+    """The oracle for the converter's metadata: ``(tree path, orbax name, key metadata, leaf)`` of every leaf
+    of ``state`` as JAX flattens it (orbax key types: 1 sequence, 2 dict)."""
+    def key_name(k):
+        if isinstance(k, jax.tree_util.SequenceKey):
+            return str(k.idx), 1
+        if isinstance(k, jax.tree_util.DictKey):
+            return str(k.key), 2
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            return k.name, 2
+        raise ValueError(f"unexpected pytree key {k!r}")
+
+    out = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        names = [key_name(k) for k in keypath]
+        key_md = [{"key": n, "key_type": t} for n, t in names]
+        out.append((tuple(n for n, _ in names), ".".join(n for n, _ in names), key_md, leaf))
+    return out
+
+
 @pytest.fixture(scope="module")
 def sharded_dst(golden_dir, tmp_path_factory):
     dst = tmp_path_factory.mktemp("conv") / "bf16"
@@ -53,10 +73,10 @@ def test_layout_is_the_models_state(sharded_dst, golden_dir):
     cfg = m1_jax.M1Config.from_json(golden_dir / "config.json")
     abstract = nnx.state(m1_jax.abstract_model(cfg, param_dtype=jnp.bfloat16))
     meta = ow.read_metadata(str(sharded_dst / mf.STATE_DIR))
-    leaves = {str(names): leaf for names, _, _, leaf in ow.tree_leaves(abstract)}
+    leaves = {str(names): leaf for names, _, _, leaf in _state_leaves(abstract)}
     assert set(meta["tree_metadata"]) == set(leaves)
     arrays = converted_arrays(sharded_dst)
-    for names, name, _, leaf in ow.tree_leaves(abstract):
+    for names, name, _, leaf in _state_leaves(abstract):
         assert arrays[name].shape == leaf.shape and arrays[name].dtype == leaf.dtype, name
     assert arrays["periods.layers.0.block_sparse_moe.gate.value"].dtype == np.float32  # router stays fp32
     for f in ("config.json", mf.RECORD_FILE, mf.COMPLETE_FILE):
@@ -71,7 +91,7 @@ def test_param_layout_is_the_models_state_for_every_config(config):
     for dtype in (jnp.bfloat16, jnp.float32):
         abstract = nnx.state(m1_jax.abstract_model(cfg, param_dtype=dtype))
         want = {names: (name, key_md, tuple(leaf.shape), np.dtype(leaf.dtype))
-                for names, name, key_md, leaf in ow.tree_leaves(abstract)}
+                for names, name, key_md, leaf in _state_leaves(abstract)}
         tgts = targets(cfg, np.dtype(dtype))
         got = {names: (name, key_md, shape, tgts[path].dtype) for (names, name, key_md, shape), path
                in zip(ow.param_entries({p: t.shape for p, t in tgts.items()}), tgts)}
