@@ -90,46 +90,61 @@ class Doc:
     """A reference to one document: a whole file, one JSONL line, or one slice of a token file."""
     path: str
     index: int = -1  # line number (jsonl) or document number (tokens); -1: the whole file
+    offset: int = -1  # jsonl: byte offset of the line
 
 
-def list_documents(files: Sequence[str], fmt: str) -> list[Doc]:
+class TokenFiles:
+    """The pre-tokenised files one pipeline reads, each loaded once: path -> (document start offsets,
+    lengths, tokens, loss mask or None). Owned by its :class:`Batches` and freed with it, so a file
+    rewritten between two pipelines is read afresh."""
+
+    def __init__(self):
+        self._files: dict[str, tuple] = {}
+
+    def __call__(self, path: str) -> tuple:
+        if path not in self._files:
+            self._files[path] = _read_token_file(path)
+        return self._files[path]
+
+
+def list_documents(files: Sequence[str], fmt: str, token_files: TokenFiles | None = None) -> list[Doc]:
     if fmt == "text":
         return [Doc(f) for f in files]
+    token_files = token_files or TokenFiles()
     docs = []
     for f in files:
         if fmt == "jsonl":
             with open(f, "rb") as fh:
-                docs += [Doc(f, i) for i, line in enumerate(fh) if line.strip()]
+                offset = 0
+                for i, line in enumerate(fh):
+                    if line.strip():
+                        docs.append(Doc(f, i, offset))
+                    offset += len(line)
         else:
-            docs += [Doc(f, i) for i in range(len(_token_docs(f)[0]))]
+            docs += [Doc(f, i) for i in range(len(token_files(f)[0]))]
     return docs
 
 
-_TOKEN_CACHE: dict[str, tuple] = {}
-
-
-def _token_docs(path: str):
+def _read_token_file(path: str) -> tuple:
     """(document start offsets, lengths, tokens, loss mask or None) of a pre-tokenised file."""
-    if path not in _TOKEN_CACHE:
-        try:
-            data = np.load(path, mmap_mode="r") if path.endswith(".npy") else np.load(path)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: cannot read token array ({e})") from None
-        if isinstance(data, np.ndarray):
-            tokens, lengths, mask = data.reshape(-1), np.array([data.size]), None
-        else:
-            if "tokens" not in data:
-                raise DataError(f"{path}: missing array 'tokens' (has: {', '.join(data.files)})")
-            tokens = data["tokens"].reshape(-1)
-            lengths = data["doc_lengths"] if "doc_lengths" in data else np.array([tokens.size])
-            mask = data["loss_mask"].reshape(-1) if "loss_mask" in data else None
-            if int(np.sum(lengths)) != tokens.size:
-                raise DataError(f"{path}: doc_lengths sum to {int(np.sum(lengths))} but 'tokens' has {tokens.size}")
-        if not np.issubdtype(tokens.dtype, np.integer):
-            raise DataError(f"{path}: 'tokens' must be integers, got {tokens.dtype}")
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        _TOKEN_CACHE[path] = (starts, np.asarray(lengths), tokens, mask)
-    return _TOKEN_CACHE[path]
+    try:
+        data = np.load(path, mmap_mode="r") if path.endswith(".npy") else np.load(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read token array ({e})") from None
+    if isinstance(data, np.ndarray):
+        tokens, lengths, mask = data.reshape(-1), np.array([data.size]), None
+    else:
+        if "tokens" not in data:
+            raise DataError(f"{path}: missing array 'tokens' (has: {', '.join(data.files)})")
+        tokens = data["tokens"].reshape(-1)
+        lengths = data["doc_lengths"] if "doc_lengths" in data else np.array([tokens.size])
+        mask = data["loss_mask"].reshape(-1) if "loss_mask" in data else None
+        if int(np.sum(lengths)) != tokens.size:
+            raise DataError(f"{path}: doc_lengths sum to {int(np.sum(lengths))} but 'tokens' has {tokens.size}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise DataError(f"{path}: 'tokens' must be integers, got {tokens.dtype}")
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return starts, np.asarray(lengths), tokens, mask
 
 
 def render_chat(messages, tokenizer, tools=None) -> tuple[np.ndarray, np.ndarray]:
@@ -175,10 +190,10 @@ def render_messages(record: dict, tokenizer, where: str) -> tuple[np.ndarray, np
         raise DataError(f"{where}: 'messages': {e}") from None
 
 
-def load_document(doc: Doc, fmt: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def load_document(doc: Doc, fmt: str, tokenizer, token_files: TokenFiles | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(token ids int32, loss mask int32) of one document."""
     if fmt == "tokens":
-        starts, lengths, tokens, mask = _token_docs(doc.path)
+        starts, lengths, tokens, mask = (token_files or TokenFiles())(doc.path)
         s, n = int(starts[doc.index]), int(lengths[doc.index])
         ids = np.asarray(tokens[s:s + n], np.int32)
         return ids, (np.ones_like(ids) if mask is None else np.asarray(mask[s:s + n], np.int32))
@@ -189,9 +204,13 @@ def load_document(doc: Doc, fmt: str, tokenizer) -> tuple[np.ndarray, np.ndarray
         return ids, np.ones_like(ids)
     where = f"{doc.path}:{doc.index + 1}"
     with open(doc.path, "rb") as f:
-        for i, line in enumerate(f):
-            if i == doc.index:
-                break
+        if doc.offset >= 0:
+            f.seek(doc.offset)
+            line = f.readline()
+        else:
+            for i, line in enumerate(f):
+                if i == doc.index:
+                    break
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -258,7 +277,8 @@ class Batches:
             tokenizer = get_tokenizer(cfg.tokenizer, vocab_size or 512)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        docs = list_documents(files, fmt)
+        self.token_files = TokenFiles()
+        docs = list_documents(files, fmt, self.token_files)
         if len(docs) < shards:
             raise DataError(f"data.source {cfg.source!r}: {len(docs)} documents cannot fill data.shards={shards}")
         self.num_documents = len(docs)
@@ -268,14 +288,25 @@ class Batches:
         self.rows_per_shard = cfg.batch_size // shards
         self._iters = []
         for s in self.my_shards:
+            if not self._any_trainable(docs[s::shards]):
+                where = "" if shards == 1 else f" in data shard {s} of {shards} (use fewer data.shards)"
+                raise DataError(f"data.source {cfg.source!r}: no document{where} has at least 2 tokens "
+                                f"({len(docs[s::shards])} documents, format {fmt}); nothing to train on")
             ds = grain.MapDataset.source(docs)[s::shards]
             if cfg.shuffle:
                 ds = ds.shuffle(seed=cfg.seed + s)
             ds = ds.repeat(None).map(self._example).to_iter_dataset()
             self._iters.append(iter(pack(ds, cfg.seq_len).batch(self.rows_per_shard)))
 
+    def _any_trainable(self, docs: Sequence[Doc]) -> bool:
+        """Whether a document of ``docs`` has a target to predict (at least 2 tokens): without one the
+        repeating stream would never fill a row. Reads documents until the first such one."""
+        if self.format == "tokens":
+            return any(self.token_files(d.path)[1][d.index] >= 2 for d in docs)
+        return any(load_document(d, self.format, self.tokenizer)[0].size >= 2 for d in docs)
+
     def _example(self, doc: Doc) -> dict[str, np.ndarray]:
-        ids, mask = load_document(doc, self.format, self.tokenizer)
+        ids, mask = load_document(doc, self.format, self.tokenizer, self.token_files)
         if self.vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise DataError(f"{doc.path}: token id {int(ids.max())} out of range for vocab_size {self.vocab_size}")
         if ids.size < 2:  # nothing to predict: an empty pair keeps the stream going

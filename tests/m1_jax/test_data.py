@@ -31,7 +31,7 @@ def test_packed_batch_gives_each_document_its_own_loss():
 
     @jax.jit
     def ce(p, b):
-        logits = train.forward(nnx.merge(g, p), b)[0]
+        logits = nnx.merge(g, p)(b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"])
         return train.token_losses(logits, b["targets"])[0] * b["loss_mask"]
 
     got = np.asarray(ce(p, {k: jnp.asarray(v) for k, v in packed.items()}))[0]
@@ -127,3 +127,31 @@ def test_pretokenised_and_errors(tmp_path):
         next(data.Batches(section(bad), vocab_size=512))
     with pytest.raises(data.DataError, match="data.source .*nope.*no such file"):
         data.Batches(section(tmp_path / "nope"), vocab_size=512)
+
+
+def test_source_with_nothing_to_train_on_fails_at_once(tmp_path):
+    # Each would otherwise repeat its empty documents forever, never filling a row.
+    for name, text in {"empty.txt": "", "one_char.txt": "x", "empty_texts.jsonl": '{"text": ""}\n' * 3}.items():
+        f = tmp_path / name
+        f.write_text(text)
+        with pytest.raises(data.DataError, match=f"data.source '.*{name}': no document has at least 2 tokens"):
+            data.Batches(section(f), vocab_size=512)
+    np.savez(tmp_path / "ones.npz", tokens=np.arange(3), doc_lengths=np.array([1, 1, 1]))
+    with pytest.raises(data.DataError, match="ones.npz': no document has at least 2 tokens"):
+        data.Batches(section(tmp_path / "ones.npz"), vocab_size=512)
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "a.txt").write_text("long enough")
+    (two / "b.txt").write_text("y")
+    with pytest.raises(data.DataError, match="no document in data shard 1 of 2 .*has at least 2 tokens"):
+        data.Batches(section(two, shards=2), vocab_size=512)
+
+
+def test_each_pipeline_reads_token_files_afresh(tmp_path):
+    f = tmp_path / "toks.npz"
+    np.savez(f, tokens=np.arange(40), doc_lengths=np.array([40]))
+    first = next(data.Batches(section(f, shuffle=False, batch_size=1), vocab_size=512))
+    np.savez(f, tokens=np.arange(40) + 100, doc_lengths=np.array([40]))  # rewritten between two runs
+    second = next(data.Batches(section(f, shuffle=False, batch_size=1), vocab_size=512))
+    assert first["inputs"][0, :3].tolist() == [0, 1, 2]
+    assert second["inputs"][0, :3].tolist() == [100, 101, 102]
