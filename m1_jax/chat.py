@@ -185,20 +185,41 @@ class ParsedReply:
         return msg
 
 
-def _parse_call(line: str) -> ToolCall | None:
+# Deepest nesting of objects and lists accepted in a tool call's arguments. Deeper (or a number past
+# Python's int-string conversion limit) is not a tool call: the line stays in the reply's content.
+MAX_ARGUMENT_DEPTH = 64
+
+
+def _nesting_depth(obj: Any) -> int:
+    """Levels of dicts and lists in a parsed JSON value (iterative: no recursion limit to hit)."""
+    depth, level = 0, [obj]
+    while level:
+        containers = [x for x in level if isinstance(x, (dict, list))]
+        if not containers:
+            break
+        depth += 1
+        if depth > MAX_ARGUMENT_DEPTH + 1:
+            break
+        level = [v for c in containers for v in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` or None: also for nesting the C decoder cannot recurse through and huge integers."""
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as is the int-digits limit
         return None
+
+
+def _parse_call(line: str) -> ToolCall | None:
+    obj = _loads(line)
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", {})
     if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(args, dict):
+        args = _loads(args)
+    if not isinstance(args, dict) or _nesting_depth(args) > MAX_ARGUMENT_DEPTH:
         return None
     return ToolCall(obj["name"], args)
 
@@ -208,8 +229,9 @@ def parse_reply(text: str) -> ParsedReply:
 
     A ``<think>`` without ``</think>`` is reasoning to the end (truncated generation); a reply that
     starts inside the reasoning (``</think>`` without ``<think>``) has everything before it as
-    reasoning. Lines of a ``<tool_calls>`` block that are not a JSON object with a ``name`` stay in
-    ``content`` as text. The end-of-turn token is dropped.
+    reasoning. Lines of a ``<tool_calls>`` block that are not a JSON object with a ``name`` and an
+    object of ``arguments`` (nested at most :data:`MAX_ARGUMENT_DEPTH` deep) stay in ``content`` as
+    text. The end-of-turn token is dropped.
     """
     text = text.replace(END_OF_SENTENCE, "")
     reasoning = None

@@ -132,3 +132,73 @@ def test_turns_extend_the_rendered_prefix():
     head = render(CONVERSATION[:2], [WEATHER], add_generation_prompt=False)
     tail = render_turns(CONVERSATION[2:], first_index=2) + GENERATION_PROMPT
     assert head + tail == render(CONVERSATION, [WEATHER])
+
+
+def _calls_block(*lines):
+    return "<tool_calls>\n" + "\n".join(lines) + "\n</tool_calls>"
+
+
+@pytest.mark.parametrize("args", [
+    "[" * 1000 + "]" * 1000,                     # nested past the default recursion limit
+    "[" * 100_000 + "]" * 100_000,               # ... and past any limit a library may raise it to
+    '{"a": ' * 1000 + "1" + "}" * 1000,
+    '{"a": ' * 200 + "1" + "}" * 200,            # parseable, but deeper than any tool's arguments
+    '{"n": ' + "1" * 5000 + "}",                 # past Python's int-string conversion limit
+    '"{\\"n\\": ' + "9" * 5000 + '}"',           # the same, inside arguments given as a JSON string
+    '"' + "[" * 1000 + "]" * 1000 + '"',
+], ids=["lists-1000", "lists-100000", "objects-1000", "objects-200", "int-5000-digits", "string-int-5000-digits", "string-lists-1000"])
+def test_parse_never_raises_on_hostile_arguments(args):
+    bad = '{"name": "f", "arguments": ' + args + "}"
+    r = parse_reply("before " + _calls_block(bad, '{"name": "g", "arguments": {"x": [1, {"y": 2}]}}') + " after")
+    assert [c.name for c in r.tool_calls] == ["g"]  # the good call still parses
+    assert r.content == "before " + bad + " after"   # the bad line stays in content, as documented
+    assert r.to_message()["content"] == r.content
+
+
+def test_parse_keeps_arguments_nested_within_the_limit():
+    from m1_jax.chat import MAX_ARGUMENT_DEPTH
+
+    args = '{"a": ' * (MAX_ARGUMENT_DEPTH - 1) + "[7]" + "}" * (MAX_ARGUMENT_DEPTH - 1)
+    r = parse_reply(_calls_block('{"name": "f", "arguments": ' + args + "}"))
+    assert len(r.tool_calls) == 1 and r.content == ""
+    deeper = '{"a": ' * MAX_ARGUMENT_DEPTH + "[7]" + "}" * MAX_ARGUMENT_DEPTH
+    assert parse_reply(_calls_block('{"name": "f", "arguments": ' + deeper + "}")).tool_calls == []
+
+
+def test_chat_command_goes_on_after_a_hostile_reply(monkeypatch, capsys):
+    """``m1 chat`` records the turn and shows the reply whatever the model wrote (here: a tool call nested
+    100,000 deep), and the next turn continues the same conversation and cache."""
+    import argparse
+    import importlib
+    import io
+
+    from m1_jax.chat import GENERATION_PROMPT, render_turns
+    from m1_jax.commands import chat as chat_command
+    from m1_jax.config import M1Config
+    from m1_jax.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer(512)
+    bad = '{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    replies = iter(["ok\n" + _calls_block(bad), "fine"])
+    prompts = []
+
+    def fake_stream(model, prompt_ids, *, cache, **kw):
+        prompts.append(list(prompt_ids))
+        for t in tok.encode(next(replies)) + [tok.eos_token_id]:
+            yield t, cache
+
+    monkeypatch.setattr(importlib.import_module("m1_jax.generation"), "stream", fake_stream)
+    cfg = M1Config(vocab_size=512, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=8, intermediate_size=8, num_local_experts=2,
+                   num_experts_per_tok=1, layer_types=("full_attention",), rotary_dim=8)
+    monkeypatch.setattr(chat_command, "load_config_and_tokenizer", lambda args: (cfg, tok))
+    monkeypatch.setattr(chat_command, "load_model", lambda args: argparse.Namespace(cfg=cfg, dtype="float32"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nagain\n"))
+    args = argparse.Namespace(checkpoint="ckpt", tools=None, system=None, show_reasoning=False, max_len=32,
+                              max_new_tokens=8, temperature=0.0, top_k=None, top_p=None, seed=0, chunk_size=8)
+    assert chat_command.run(args) == 0
+    out = capsys.readouterr().out
+    assert "ok\n" + bad + "\n" in out and out.endswith("fine\n")
+    # The second turn feeds only what the cache has not seen: the end of the first reply and the new turn.
+    assert prompts[1] == [tok.eos_token_id] + tok.encode(
+        "\n" + render_turns([{"role": "user", "content": "again"}]) + GENERATION_PROMPT)
