@@ -224,7 +224,7 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
          context: int = 1 << 20, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
          lightning_impl: str = "auto", remat: str = "none") -> AotReport:
     """Compiles ``mode`` for ``topology`` and returns the per-device report."""
-    from pallas_kernels.lightning import tpu_target
+    from pallas_kernels.platform import tpu_target
 
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")

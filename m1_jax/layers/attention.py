@@ -19,7 +19,7 @@ from m1_jax.layers.blockwise import blockwise_attention
 from m1_jax.layers.common import matmul, param
 from m1_jax.layers.rope import apply_rope
 from m1_jax.layers.splash import log_fallback, splash_attention, unsupported_reason
-from pallas_kernels.lightning.op import targeting_tpu
+from pallas_kernels.platform import targeting_tpu
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None = None,
@@ -47,7 +47,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     """Full-sequence causal GQA attention, q [B, T, H, d], k/v [B, T, KV, d] -> [B, T, H, d].
 
     Causality is by index (positions may restart inside a packed row); documents by segment id.
-    When tracing for TPU (a TPU backend or ``pallas_kernels.lightning.tpu_target()``) shapes the
+    When tracing for TPU (a TPU backend or ``pallas_kernels.platform.tpu_target()``) shapes the
     Pallas splash kernel accepts run through it (:mod:`m1_jax.layers.splash`); otherwise XLA.
     """
     if targeting_tpu():

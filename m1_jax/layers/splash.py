@@ -2,7 +2,7 @@
 
 The kernel (``jax.experimental.pallas.ops.tpu.splash_attention``) is used for the full-sequence
 forward of :class:`m1_jax.layers.attention.SoftmaxAttention` when tracing for TPU: on a TPU backend or
-inside :func:`pallas_kernels.lightning.tpu_target` (ahead-of-time compiles from a CPU host, ``m1 aot``),
+inside :func:`pallas_kernels.platform.tpu_target` (ahead-of-time compiles from a CPU host, ``m1 aot``),
 the same switch the lightning op uses. It computes ``softmax(q k^T / sqrt(head_dim))`` with a float32
 running max / sum / accumulator under a causal mask, optionally restricted to equal segment ids; query
 head ``h`` reads KV head ``h // (heads / kv_heads)``. The kernel takes no scale, so ``q`` is scaled

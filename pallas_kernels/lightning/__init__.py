@@ -5,11 +5,12 @@ Public API:
                       block_size=256, impl="auto") -> (o, final_state)
   lightning_decode_step(state, q, k, v, slopes) -> (o, new_state)
   m1_slopes(num_heads, layer_idx, num_layers) -> np.ndarray float32 [num_heads]
-  tpu_target(): context manager to trace the Pallas kernels for a TPU target (AOT).
+
+Tracing for a TPU target from another host (AOT): `pallas_kernels.platform.tpu_target()`.
 """
 
 from pallas_kernels.lightning.decode import lightning_decode_step
-from pallas_kernels.lightning.op import IMPLS, lightning_attention, resolve_impl, tpu_target
+from pallas_kernels.lightning.op import IMPLS, lightning_attention, resolve_impl
 from pallas_kernels.lightning.slopes import alibi_slopes, m1_slopes
 
 __all__ = [
@@ -19,5 +20,4 @@ __all__ = [
     "lightning_decode_step",
     "m1_slopes",
     "resolve_impl",
-    "tpu_target",
 ]

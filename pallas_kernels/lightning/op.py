@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.lightning.chunked import lightning_chunked
 from pallas_kernels.lightning.reference import lightning_reference
+from pallas_kernels.platform import targeting_tpu
 
-__all__ = ["IMPLS", "lightning_attention", "tpu_target", "resolve_impl"]
+__all__ = ["IMPLS", "lightning_attention", "resolve_impl"]
 
 IMPLS = ("auto", "reference", "xla", "pallas")
-
-_target = threading.local()
-
-
-@contextlib.contextmanager
-def tpu_target():
-    """Trace for a TPU target from a non-TPU host (ahead-of-time compilation).
-
-    Inside this context impl="auto" selects the Pallas kernels and they are
-    lowered through Mosaic (interpret mode off) even when the host backend is CPU:
-    use it around `jax.jit(...).lower(...)` for abstract TPU devices.
-    """
-    prev = getattr(_target, "tpu", False)
-    _target.tpu = True
-    try:
-        yield
-    finally:
-        _target.tpu = prev
-
-
-def targeting_tpu() -> bool:
-    return getattr(_target, "tpu", False) or jax.default_backend() == "tpu"
 
 
 def resolve_impl(impl: str) -> str:
@@ -98,7 +74,7 @@ def lightning_attention(q, k, v, slopes, *, initial_state=None, segment_ids=None
         a real token whose id differs from the previous real token's id;
         initial_state flows into the segment of the first real token.
       block_size: chunk length of the chunked paths (time need not be a multiple).
-      impl: "auto" (Pallas on TPU or inside `tpu_target()`, else "xla"),
+      impl: "auto" (Pallas on TPU or inside `pallas_kernels.platform.tpu_target()`, else "xla"),
         "reference" (token recurrence), "xla" (chunked, autodiff), "pallas"
         (Mosaic kernels, interpret mode off TPU).
 
@@ -127,6 +103,7 @@ def lightning_attention(q, k, v, slopes, *, initial_state=None, segment_ids=None
     elif impl == "xla":
         o, state = lightning_chunked(q, k, v, slopes, initial_state, segment_ids, block_size)
     else:
+        # Imported on first use: loading Pallas' TPU modules costs ~0.4 s that the XLA paths never need.
         from pallas_kernels.lightning.pallas_tpu import lightning_pallas
 
         o, state = lightning_pallas(
@@ -137,6 +114,6 @@ def lightning_attention(q, k, v, slopes, *, initial_state=None, segment_ids=None
             initial_state,
             segment_ids,
             block_size,
-            interpret=None if not getattr(_target, "tpu", False) else False,
+            interpret=not targeting_tpu(),
         )
     return o.astype(q.dtype), state

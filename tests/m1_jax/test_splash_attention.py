@@ -13,7 +13,7 @@ from m1_jax import sharding
 from m1_jax.config import M1Config
 from m1_jax.layers.attention import SoftmaxAttention, attention_mask, causal_attention, gqa_attention
 from m1_jax.layers.splash import splash_attention, unsupported_reason
-from pallas_kernels.lightning import tpu_target
+from pallas_kernels.platform import tpu_target
 
 B, T, H, KV, D = 2, 256, 4, 2, 128
 

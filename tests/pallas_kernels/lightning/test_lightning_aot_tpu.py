@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.lightning import lightning_attention, tpu_target
+from pallas_kernels.lightning import lightning_attention
+from pallas_kernels.platform import tpu_target
 
 pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed for TPU AOT compilation")
 

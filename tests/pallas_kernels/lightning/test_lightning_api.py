@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.lightning import lightning_attention, lightning_decode_step, resolve_impl, tpu_target
+from pallas_kernels.lightning import lightning_attention, lightning_decode_step, resolve_impl
+from pallas_kernels.platform import tpu_target
 
 
 def test_validation_errors():
