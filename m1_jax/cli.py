@@ -14,7 +14,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "info": ("m1_jax.commands.info", "print the architecture and parameter counts of a config"),
-    "demo": ("m1_jax.commands.demo", "build a tiny model from configs/, run a forward and a greedy continuation"),
+    "demo": ("m1_jax.commands.demo", "build the tiny preset, run a forward and a greedy continuation"),
     "convert": ("m1_jax.commands.convert", "convert a Hugging Face / PyTorch checkpoint to an Orbax checkpoint (streaming)"),
     "export": ("m1_jax.commands.export", "export a converted checkpoint to Hugging Face safetensors shards"),
     "generate": ("m1_jax.commands.generate", "generate text from a prompt (streaming)"),

@@ -1,6 +1,6 @@
 """Run configs for ``m1 train``: model config name + mesh + optimizer + data + schedule, as JSON.
 
-A run config (``configs/train-*.json``) is a nested JSON object whose sections and fields are the
+A run config (a ``train-*.json`` preset or any file) is a nested JSON object whose sections and fields are the
 dataclasses below; anything missing takes the default, anything unknown is an error naming the file
 and key. Every field can be overridden on the command line with ``--set section.field=value`` (the
 value is read as JSON when it parses, else as a string).
@@ -23,7 +23,7 @@ class RunConfigError(ValueError):
 
 @dataclasses.dataclass
 class ModelSection:
-    config: str = "tiny"  # preset name in configs/, or a config.json / checkpoint directory
+    config: str = "tiny"  # preset name (m1_jax/presets/), or a config.json / checkpoint directory
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators); master weights are param_dtype
     param_dtype: str = "float32"
     remat: str = "none"  # rematerialisation per layer period: none | full | dots | dots_no_batch
@@ -155,11 +155,11 @@ def resolve_run_config_path(name_or_path: str | os.PathLike) -> Path:
         if candidate.is_file():
             return candidate
     names = sorted(q.stem for q in CONFIG_DIR.glob("train-*.json"))
-    raise RunConfigError(f"--config {name_or_path}: no such run config file (in configs/: {', '.join(names)})")
+    raise RunConfigError(f"--config {name_or_path}: no such run config file (presets: {', '.join(names)})")
 
 
 def load_run_config(name_or_path: str | os.PathLike | None = None, overrides=()) -> RunConfig:
-    """The run config from a file (default ``configs/train-demo.json``) with ``--set`` overrides applied."""
+    """The run config from a file (default: the ``train-demo`` preset) with ``--set`` overrides applied."""
     path = resolve_run_config_path(name_or_path or "train-demo")
     try:
         d = json.loads(path.read_text())

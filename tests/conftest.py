@@ -1,4 +1,4 @@
-"""Test setup: 8 emulated CPU devices before JAX initialises; paths to the golden vectors."""
+"""Test setup: 8 emulated CPU devices before JAX initialises; paths to the golden vectors and presets."""
 
 import os
 from pathlib import Path
@@ -12,8 +12,11 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import pytest  # noqa: E402
 
+from m1_jax.presets import CONFIG_DIR  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-GOLDEN = Path(os.environ.get("M1_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+# The golden vectors ship with the tests (tests/data/golden/README.md); M1_GOLDEN_DIR points elsewhere.
+GOLDEN = Path(os.environ.get("M1_GOLDEN_DIR", REPO / "tests" / "data" / "golden"))
 
 
 @pytest.fixture(scope="session")
@@ -26,4 +29,4 @@ def golden_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def configs_dir() -> Path:
-    return REPO / "configs"
+    return CONFIG_DIR

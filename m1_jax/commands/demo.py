@@ -1,4 +1,4 @@
-"""``m1 demo``: a tiny model from ``configs/`` with random weights: one forward, a greedy continuation."""
+"""``m1 demo``: the ``tiny`` preset with random weights: one forward, a greedy continuation."""
 
 from __future__ import annotations
 

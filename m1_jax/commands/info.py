@@ -9,7 +9,7 @@ from m1_jax.presets import resolve_config
 
 
 def add_arguments(p):
-    p.add_argument("config", help="a config.json, a checkpoint directory, or a preset name in configs/ "
+    p.add_argument("config", help="a config.json, a checkpoint directory, or a preset name "
                                   "(e.g. minimax-m1-40k, tiny)")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
 

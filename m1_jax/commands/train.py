@@ -1,4 +1,4 @@
-"""``m1 train``: train or fine-tune from a run config (default ``configs/train-demo.json``: a tiny
+"""``m1 train``: train or fine-tune from a run config (default: the ``train-demo`` preset, a tiny
 hybrid M1 on the Python standard library's source, byte-level tokens, on an 8-device mesh), then
 print a sample from the final checkpoint."""
 
@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p):
-    p.add_argument("--config", default=None, help="run config: a JSON file or a name in configs/ "
+    p.add_argument("--config", default=None, help="run config: a JSON file or a preset name "
                                                   "(default: train-demo)")
     p.add_argument("--steps", type=int, default=None, help="train until this step (overrides train.steps)")
     p.add_argument("--workdir", default="runs/demo", help="checkpoints and metrics.jsonl go here (default: runs/demo)")

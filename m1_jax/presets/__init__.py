@@ -1,4 +1,6 @@
-"""Named model configs shipped in ``configs/`` (``minimax-m1-40k``, ``tiny``, ...)."""
+"""Named configs shipped inside the package, as JSON files beside this module.
+
+Model presets (``minimax-m1-40k``, ``tiny``, ...) and run configs for ``m1 train`` (``train-*.json``)."""
 
 from __future__ import annotations
 
@@ -7,17 +9,16 @@ from pathlib import Path
 
 from m1_jax.config import ConfigError, M1Config
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent
 
 
 def preset_names() -> list[str]:
-    if not CONFIG_DIR.is_dir():
-        return []
+    """Model preset names (run configs excluded)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json") if not p.stem.startswith("train"))
 
 
 def resolve_config(name_or_path: str | os.PathLike) -> M1Config:
-    """A config.json path, a checkpoint directory holding one, or a preset name from ``configs/``."""
+    """A config.json path, a checkpoint directory holding one, or a preset name (:func:`preset_names`)."""
     p = Path(name_or_path)
     if p.is_dir() or p.suffix == ".json" or p.exists():
         return M1Config.from_json(p)
