@@ -16,8 +16,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
 import os
 from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
@@ -70,7 +75,47 @@ M1_DEEPNORM_ALPHA = 3.5565588200778455  # (2 * 80) ** 0.25
 
 
 class ConfigError(ValueError):
-    """A config.json the model cannot run; the message names the field (and file)."""
+    """A config.json the model cannot run; the message names the field (and file).
+
+    ``field`` and ``detail`` hold the field's name and what is wrong with it, when one field is at fault."""
+
+    def __init__(self, message: str, *, field: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.field, self.detail = field, detail
+
+
+def _field_error(source: str, field: str, detail: str) -> ConfigError:
+    return ConfigError(f"{source}: field '{field}': {detail}", field=field, detail=detail)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _positive_int_error(v: Any) -> str | None:
+    """Why ``v`` is not a positive integer (None if it is)."""
+    return None if _is_int(v) and v > 0 else f"must be a positive integer, got {v!r}"
+
+
+def _real_error(v: Any, *, positive: bool) -> str | None:
+    """Why ``v`` is not a finite number > 0 (``positive``) or >= 0 (None if it is)."""
+    if _is_real(v) and math.isfinite(v) and (v > 0 if positive else v >= 0):
+        return None
+    return f"must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}"
+
+
+# Fields by kind (checked in this order by M1Config.validate, so that relations see well-typed values).
+_POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim", "intermediate_size", "num_local_experts",
+                        "num_experts_per_tok", "rotary_dim", "max_position_embeddings", "block_size")
+_POSITIVE_REAL_FIELDS = ("rope_theta", "rms_norm_eps", "lightning_norm_eps", "full_attn_alpha", "full_attn_beta",
+                         "linear_attn_alpha", "linear_attn_beta", "mlp_alpha", "mlp_beta", "initializer_range")
+_NON_NEGATIVE_REAL_FIELDS = ("router_aux_loss_coef", "router_jitter_noise")
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def m1_layer_types(num_layers: int, period: int = 8) -> tuple[str, ...]:
@@ -117,25 +162,46 @@ class M1Config:
     model_type: str = "minimax_m1"
 
     def __post_init__(self):
+        if isinstance(self.layer_types, (str, bytes)) or not isinstance(self.layer_types, (list, tuple)):
+            raise _field_error("config", "layer_types", f"must be a list of layer types, got {self.layer_types!r}")
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         self.validate()
+        for name in _POSITIVE_INT_FIELDS:  # e.g. numpy integers: plain Python numbers from here on
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in _POSITIVE_REAL_FIELDS + _NON_NEGATIVE_REAL_FIELDS:
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in _TOKEN_ID_FIELDS:
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
 
     # ------------------------------------------------------------------ validation
     def validate(self, source: str = "config") -> None:
+        """Checks every field's type (bools are not numbers), finiteness and range, then their relations."""
         def fail(field: str, msg: str):
-            raise ConfigError(f"{source}: field '{field}': {msg}")
+            raise _field_error(source, field, msg)
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "intermediate_size", "num_local_experts",
-                     "num_experts_per_tok", "block_size"):
+        for name in _POSITIVE_INT_FIELDS:
+            if (err := _positive_int_error(getattr(self, name))) is not None:
+                fail(name, err)
+        for names, positive in ((_POSITIVE_REAL_FIELDS, True), (_NON_NEGATIVE_REAL_FIELDS, False)):
+            for name in names:
+                if (err := _real_error(getattr(self, name), positive=positive)) is not None:
+                    fail(name, err)
+        for name in _TOKEN_ID_FIELDS:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                fail(name, f"must be a positive integer, got {v!r}")
+            if v is not None and not (_is_int(v) and 0 <= v < self.vocab_size):
+                fail(name, f"must be null or a token id in [0, vocab_size={self.vocab_size}), got {v!r}")
+        for name in ("hidden_act", "model_type"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                fail(name, f"must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            fail("tie_word_embeddings", f"must be true or false, got {self.tie_word_embeddings!r}")
+
         if len(self.layer_types) != self.num_hidden_layers:
             fail("layer_types", f"has {len(self.layer_types)} entries but num_hidden_layers is "
                  f"{self.num_hidden_layers}")
         for i, t in enumerate(self.layer_types):
-            if t not in LAYER_TYPES:
+            if not isinstance(t, str) or t not in LAYER_TYPES:
                 fail("layer_types", f"entry {i} is {t!r}; known layer types are {LAYER_TYPES}")
         if self.num_attention_heads % self.num_key_value_heads:
             fail("num_key_value_heads", f"num_attention_heads ({self.num_attention_heads}) is not "
@@ -149,9 +215,6 @@ class M1Config:
             fail("hidden_act", f"only 'silu' is supported, got {self.hidden_act!r}")
         if self.tie_word_embeddings:
             fail("tie_word_embeddings", "MiniMax-M1 has an untied output head; tied heads are not supported")
-        for name in ("rms_norm_eps", "lightning_norm_eps", "rope_theta"):
-            if not getattr(self, name) > 0:
-                fail(name, f"must be positive, got {getattr(self, name)!r}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -181,32 +244,44 @@ class M1Config:
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "M1Config":
-        """Reads a config.json dict in the original M1 names or transformers' native names."""
+        """Reads a config.json dict in the original M1 names or transformers' native names.
+
+        Every error names ``source`` and the field as the dict spells it (e.g. ``layernorm_mlp_alpha``,
+        ``rope_parameters.rope_theta``)."""
 
         def fail(field: str, msg: str):
-            raise ConfigError(f"{source}: field '{field}': {msg}")
+            raise _field_error(source, field, msg)
 
         kw: dict[str, Any] = {}
+        spelled: dict[str, str] = {}  # dataclass field -> the key it was read from, where they differ
         for name in _COMMON_FIELDS:
             if name in d:
                 kw[name] = d[name]
-        if isinstance(kw.get("eos_token_id"), list):  # some configs list several eos ids
-            kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if name not in d:
                 fail(name, "is missing")
-        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+            if (err := _positive_int_error(d[name])) is not None:  # used below, before the dataclass checks
+                fail(name, err)
+        if isinstance(kw.get("eos_token_id"), list):  # some configs list several eos ids: the first one counts
+            ids = kw["eos_token_id"]
+            for i, t in enumerate(ids):
+                if not (_is_int(t) and 0 <= t < d["vocab_size"]):
+                    fail("eos_token_id", f"entry {i} is {t!r}; token ids are in [0, vocab_size={d['vocab_size']})")
+            kw["eos_token_id"] = ids[0] if ids else None
+        if kw.get("num_key_value_heads") is None:
+            kw["num_key_value_heads"] = d["num_attention_heads"]
         if kw.get("head_dim") is None:
             kw["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        elif (err := _positive_int_error(kw["head_dim"])) is not None:
+            fail("head_dim", err)
         head_dim = kw["head_dim"]
 
         if d.get("postnorm", True) is not True:
             fail("postnorm", "must be true (MiniMax-M1 uses the DeepNorm post-norm residual)")
         shared = d.get("shared_intermediate_size", 0)
-        if isinstance(shared, (list, tuple)):
-            shared = max(shared) if shared else 0
-        if shared:
-            fail("shared_intermediate_size", f"is {shared}; shared experts are not supported (must be 0)")
+        sizes = shared if isinstance(shared, (list, tuple)) else [shared]
+        if any(v is not None and (not _is_int(v) or v != 0) for v in sizes):
+            fail("shared_intermediate_size", f"is {shared!r}; shared experts are not supported (must be 0)")
         if d.get("sliding_window") not in (None, 0):
             fail("sliding_window", f"is {d['sliding_window']!r}; sliding-window attention is not supported")
 
@@ -218,36 +293,54 @@ class M1Config:
                 fail("attn_type_list", f"has {len(codes)} entries but num_hidden_layers is {d['num_hidden_layers']}")
             types = []
             for i, c in enumerate(codes):
-                if c not in _ATTN_TYPE_CODES:
+                if not _is_int(c) or c not in _ATTN_TYPE_CODES:
                     fail("attn_type_list", f"entry {i} is {c!r}; expected 0 (lightning) or 1 (softmax)")
                 types.append(_ATTN_TYPE_CODES[c])
             kw["layer_types"] = tuple(types)
         elif d.get("layer_types") is not None:
-            kw["layer_types"] = tuple(d["layer_types"])
+            kw["layer_types"] = d["layer_types"]  # checked by the dataclass
         else:
             fail("attn_type_list", "is missing (or 'layer_types'); the layer pattern must be explicit")
 
         for src, dst in {**_ORIG_RESIDUAL_FIELDS, **_NATIVE_RESIDUAL_FIELDS}.items():
             if src in d:
-                kw[dst] = float(d[src])
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+                kw[dst], spelled[dst] = d[src], src
+        rope, rope_key = {}, "rope_parameters"
+        for key in ("rope_parameters", "rope_scaling"):
+            value = d.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                fail(key, f"must be an object (or null), got {value!r}")
+            if value:
+                rope, rope_key = value, key
+                break
         if rope.get("rope_type", "default") not in ("default", None):
-            fail("rope_parameters", f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
-        kw["rope_theta"] = float(d.get("rope_theta", rope.get("rope_theta", 10_000_000.0)))
+            fail(rope_key, f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+        if d.get("rope_theta") is not None:
+            kw["rope_theta"] = d["rope_theta"]
+        elif rope.get("rope_theta") is not None:
+            kw["rope_theta"], spelled["rope_theta"] = rope["rope_theta"], f"{rope_key}.rope_theta"
+        derived = ""
         if "rotary_dim" in d:
             kw["rotary_dim"] = d["rotary_dim"]
         else:
+            key = f"{rope_key}.partial_rotary_factor" if "partial_rotary_factor" in rope else "partial_rotary_factor"
             factor = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+            if (err := _real_error(factor, positive=True)) is not None:
+                fail(key, err)
             kw["rotary_dim"] = int(round(head_dim * factor))
+            derived = f" (head_dim {head_dim} x {key} {factor})"
         for name in ("block_size", "block"):
             if d.get(name) is not None:
-                kw["block_size"] = int(d[name])
+                kw["block_size"], spelled["block_size"] = d[name], name
         if "model_type" in d:
             kw["model_type"] = d["model_type"]
         try:
             cfg = cls(**kw)
         except ConfigError as e:
-            raise ConfigError(str(e).replace("config:", f"{source}:", 1)) from None
+            detail = e.detail + (derived if e.field == "rotary_dim" else "")
+            raise _field_error(source, spelled.get(e.field, e.field), detail) from None
         return cfg
 
     @classmethod
@@ -331,6 +424,19 @@ def param_counts(cfg: M1Config) -> dict[str, int]:
     }
 
 
+def lightning_state_bytes(cfg: M1Config, batch: int = 1) -> int:
+    """Bytes of all lightning states (float32 ``[heads, head_dim, head_dim]`` per layer and row): independent
+    of the context length."""
+    return 4 * batch * cfg.num_lightning_layers * cfg.num_attention_heads * cfg.head_dim ** 2
+
+
+def kv_cache_bytes(cfg: M1Config, batch: int, max_len: int, dtype: Any = np.float32) -> int:
+    """Bytes of the softmax layers' keys and values for ``batch`` rows of ``max_len`` tokens in ``dtype``
+    (a NumPy, ml_dtypes or JAX dtype, or its name such as ``"bfloat16"``)."""
+    itemsize = np.dtype(getattr(ml_dtypes, dtype, dtype) if isinstance(dtype, str) else dtype).itemsize
+    return 2 * itemsize * batch * max_len * cfg.num_softmax_layers * cfg.num_key_value_heads * cfg.head_dim
+
+
 def human(n: float) -> str:
     for unit in ("", "K", "M", "B", "T"):
         if abs(n) < 1000:
@@ -357,11 +463,9 @@ def describe(cfg: M1Config) -> str:
         f"  experts (all)       {c['experts']:,}",
         f"  embedding + head    {c['embedding'] + c['lm_head']:,}",
     ]
-    lin_state = cfg.num_attention_heads * cfg.head_dim * cfg.head_dim * 4
-    kv_tok = 2 * cfg.num_key_value_heads * cfg.head_dim * 2
-    lines.append(f"lightning state       {lin_state * cfg.num_lightning_layers / 2**20:.0f} MiB per sequence "
+    lines.append(f"lightning state       {lightning_state_bytes(cfg) / 2**20:.0f} MiB per sequence "
                  f"(fp32, constant in context length)")
-    lines.append(f"softmax KV cache      {kv_tok * cfg.num_softmax_layers / 2**10:.0f} KiB per token (bf16)")
+    lines.append(f"softmax KV cache      {kv_cache_bytes(cfg, 1, 1, 'bfloat16') / 2**10:.0f} KiB per token (bf16)")
     return "\n".join(lines)
 
 

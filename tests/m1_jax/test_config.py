@@ -163,3 +163,118 @@ def test_package_exports_load_on_first_use():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"layernorm_mlp_alpha": NAN}, "'layernorm_mlp_alpha'"),
+    ({"layernorm_full_attention_alpha": INF}, "'layernorm_full_attention_alpha'"),
+    ({"layernorm_linear_attention_beta": "1.0"}, "'layernorm_linear_attention_beta'"),
+    ({"layernorm_mlp_beta": 0}, "'layernorm_mlp_beta'"),
+    ({"layernorm_mlp_alpha": True}, "'layernorm_mlp_alpha'"),
+    ({"num_attention_heads": 0}, "'num_attention_heads'"),
+    ({"num_attention_heads": 0, "head_dim": None}, "'num_attention_heads'"),  # head_dim from hidden / heads
+    ({"num_attention_heads": "4"}, "'num_attention_heads'"),
+    ({"num_hidden_layers": "4"}, "'num_hidden_layers'"),
+    ({"num_hidden_layers": 4.0}, "'num_hidden_layers'"),
+    ({"hidden_size": True}, "'hidden_size'"),
+    ({"hidden_size": None}, "'hidden_size'"),
+    ({"vocab_size": [512]}, "'vocab_size'"),
+    ({"head_dim": "16"}, "'head_dim'"),
+    ({"head_dim": 0}, "'head_dim'"),
+    ({"num_key_value_heads": 0}, "'num_key_value_heads'"),
+    ({"num_local_experts": True}, "'num_local_experts'"),
+    ({"num_experts_per_tok": 0}, "'num_experts_per_tok'"),
+    ({"intermediate_size": -32}, "'intermediate_size'"),
+    ({"rope_scaling": [1, 2]}, "'rope_scaling'"),
+    ({"rope_scaling": {"rope_type": "default", "factor": 2.0}, "rope_theta": "1e7"}, "'rope_theta'"),
+    ({"rope_theta": "1e7"}, "'rope_theta'"),
+    ({"rope_theta": NAN}, "'rope_theta'"),
+    ({"rope_theta": INF}, "'rope_theta'"),
+    ({"rope_theta": 0}, "'rope_theta'"),
+    ({"rope_theta": True}, "'rope_theta'"),
+    ({"rotary_dim": 8.0}, "'rotary_dim'"),
+    ({"rotary_dim": "8"}, "'rotary_dim'"),
+    ({"rms_norm_eps": NAN}, "'rms_norm_eps'"),
+    ({"rms_norm_eps": "1e-5"}, "'rms_norm_eps'"),
+    ({"max_position_embeddings": 0}, "'max_position_embeddings'"),
+    ({"max_position_embeddings": 1e9}, "'max_position_embeddings'"),
+    ({"tie_word_embeddings": "false"}, "'tie_word_embeddings'"),
+    ({"hidden_act": 1}, "'hidden_act'"),
+    ({"router_aux_loss_coef": -0.001}, "'router_aux_loss_coef'"),
+    ({"router_aux_loss_coef": NAN}, "'router_aux_loss_coef'"),
+    ({"router_jitter_noise": INF}, "'router_jitter_noise'"),
+    ({"initializer_range": -0.02}, "'initializer_range'"),
+    ({"initializer_range": "0.02"}, "'initializer_range'"),
+    ({"bos_token_id": 512}, "'bos_token_id'"),
+    ({"eos_token_id": "2"}, "'eos_token_id'"),
+    ({"eos_token_id": [1.5]}, "'eos_token_id'"),
+    ({"pad_token_id": -1}, "'pad_token_id'"),
+    ({"block_size": 0}, "'block_size'"),
+    ({"block_size": 2.5}, "'block_size'"),
+    ({"block": "16"}, "'block'"),
+    ({"attn_type_list": [0, True, 0, 1]}, "'attn_type_list'"),
+    ({"shared_intermediate_size": [0, "a"]}, "'shared_intermediate_size'"),
+    ({"model_type": 5}, "'model_type'"),
+])
+def test_bad_field_values_name_the_field(orig, tmp_path, change, field):
+    """Wrong types (bools are not numbers), non-finite or out-of-range values: one line naming file and field."""
+    msg = _err({**orig, **change}, tmp_path)
+    assert f"field {field}" in msg, msg
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"mlp_alpha_factor": NAN}, "'mlp_alpha_factor'"),
+    ({"full_attn_beta_factor": None}, "'full_attn_beta_factor'"),
+    ({"rope_parameters": "default"}, "'rope_parameters'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "big"}}, "'rope_parameters.rope_theta'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": "half"}},
+     "'rope_parameters.partial_rotary_factor'"),
+    ({"layer_types": 4}, "'layer_types'"),
+    ({"layer_types": "linear_attention"}, "'layer_types'"),
+])
+def test_bad_native_field_values_name_the_field(orig, tmp_path, change, field):
+    msg = _err({**native_from_orig(orig), **change}, tmp_path)
+    assert f"field {field}" in msg, msg
+
+
+def test_real_token_ids_and_number_spellings_are_kept(orig):
+    """What configs in the wild write stays accepted: integer-valued floats for float fields, an eos list."""
+    cfg = M1Config.from_dict({**orig, "rope_theta": 10000, "rms_norm_eps": 1e-6, "eos_token_id": [3, 4],
+                              "bos_token_id": 1, "pad_token_id": 0, "layernorm_mlp_beta": 2})
+    assert (cfg.rope_theta, cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id) == (1e4, 3, 1, 0)
+    assert isinstance(cfg.rope_theta, float) and isinstance(cfg.mlp_beta, float) and cfg.mlp_beta == 2.0
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"mlp_alpha": NAN}, "mlp_alpha"),
+    ({"full_attn_beta": -1.0}, "full_attn_beta"),
+    ({"num_hidden_layers": True, "layer_types": ("full_attention",)}, "num_hidden_layers"),
+    ({"rope_theta": "1e4"}, "rope_theta"),
+    ({"lightning_norm_eps": INF}, "lightning_norm_eps"),
+    ({"layer_types": ("full_attention",) * 79 + (1,)}, "layer_types"),
+])
+def test_direct_construction_checks_every_field(kw, field):
+    with pytest.raises(ConfigError, match=f"^config: field '{field}': "):
+        M1Config(**kw)
+
+
+def test_cache_byte_counts_need_no_jax():
+    """Lightning state and KV cache sizes from the config alone (``m1 info``, cache planning)."""
+    import ml_dtypes
+    import numpy as np
+
+    from m1_jax.config import describe, kv_cache_bytes, lightning_state_bytes
+
+    m1 = M1Config()  # 70 lightning layers, 10 softmax layers, 64 heads x 128, 8 KV heads
+    assert lightning_state_bytes(m1) == 70 * 64 * 128 * 128 * 4
+    assert lightning_state_bytes(m1, batch=3) == 3 * lightning_state_bytes(m1)
+    per_token = 2 * 10 * 8 * 128  # keys and values of every softmax layer
+    assert kv_cache_bytes(m1, 1, 1, "bfloat16") == per_token * 2
+    assert kv_cache_bytes(m1, 2, 1024, ml_dtypes.bfloat16) == 2 * 1024 * per_token * 2
+    assert kv_cache_bytes(m1, 1, 5, np.float32) == kv_cache_bytes(m1, 1, 5) == 5 * per_token * 4
+    text = describe(m1)
+    assert "lightning state       280 MiB per sequence" in text
+    assert "softmax KV cache      40 KiB per token (bf16)" in text
