@@ -89,14 +89,15 @@ class Session:
         self.cache, self.seen = cache, history + toks[:-1]  # the last token was sampled but not fed
         self.history = history + body + [eos] + self.tok.encode("\n")
         text = self.tok.decode(body)
+        # The turn is part of the conversation from here on, before anything reads or shows the reply.
+        self.messages.append({"role": "assistant", "content": text})
+        self.rendered = len(self.messages)
         parsed = parse_reply(text)
         if not self.args.show_reasoning:
             out.write(parsed.content)
         for call in parsed.tool_calls:
             out.write(f"\n[tool call] {call.name}({json.dumps(call.arguments, ensure_ascii=False)})")
         out.write("\n")
-        self.messages.append({"role": "assistant", "content": text})
-        self.rendered = len(self.messages)
         return text
 
 
@@ -136,6 +137,7 @@ def run(args) -> int:
             session.reply()
         except ValueError as e:  # e.g. the conversation outgrew the cache: say so, drop the turn, go on
             print(f"m1 chat: error: {e}", file=sys.stderr)
-            session.messages.pop()
-            session.cache, session.seen = None, []
+            if len(session.messages) > session.rendered:  # failed before its reply was recorded
+                session.messages.pop()
+                session.cache, session.seen = None, []
     return 0
