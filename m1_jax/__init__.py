@@ -12,7 +12,7 @@ import types
 _EXPORTS = {
     "Cache": "m1_jax.cache", "CacheError": "m1_jax.cache", "init_cache": "m1_jax.cache",
     "ConfigError": "m1_jax.config", "M1Config": "m1_jax.config", "param_counts": "m1_jax.config",
-    "CheckpointError": "m1_jax.convert.safetensors_io",
+    "CheckpointError": "m1_jax.checkpoint_io.errors",
     "from_pretrained": "m1_jax.loading",
     "M1Model": "m1_jax.model", "abstract_model": "m1_jax.model", "init_model": "m1_jax.model",
     "Generation": "m1_jax.generate", "decode_step": "m1_jax.generate", "generate": "m1_jax.generate",

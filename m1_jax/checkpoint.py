@@ -24,13 +24,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from m1_jax.checkpoint_io.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "meta")
-
-
-class CheckpointError(ValueError):
-    """A training checkpoint that cannot be restored; the message names the directory."""
 
 
 def _ocp():

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     if os.path.exists(args.dst):
         p.error(f"--dst {args.dst} exists")
 
-    from m1_jax.convert.convert import open_source
+    from m1_jax.checkpoint_io.sources import open_source
 
     src = open_source(args.src)
     largest = max(src.info(k).nbytes for k in src.keys())

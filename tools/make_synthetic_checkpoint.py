@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from m1_jax.checkpoint_io import keys as key_table  # noqa: E402
 from m1_jax.config import M1Config, m1_layer_types  # noqa: E402
-from m1_jax.convert import keys as key_table  # noqa: E402
 from m1_jax.convert.export import _header, _shards  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")

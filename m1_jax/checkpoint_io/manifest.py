@@ -9,14 +9,18 @@ directory without it.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import time
 
+import google_crc32c
+import numpy as np
+
+from m1_jax.checkpoint_io import keys as key_table
+from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.config import M1Config
-from m1_jax.convert import keys as key_table
-from m1_jax.convert.safetensors_io import CheckpointError
 
 CHECKSUM = "crc32c"  # of each placement's written bytes, in C order
 LAYOUT_VERSION = 1  # the NNX state layout (stacked periods, stacked experts, Flax [in, out])
@@ -160,8 +164,6 @@ class Manifest:
 def sync_filesystem(path: str) -> None:
     """Flushes the file system holding ``path`` (``syncfs`` on Linux; ``sync`` elsewhere)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
@@ -176,7 +178,4 @@ def sync_filesystem(path: str) -> None:
 
 def checksum(array, value: int = 0) -> int:
     """Running CRC-32C (hardware-accelerated, ~11 GB/s) of an array's bytes in C order, continuing ``value``."""
-    import google_crc32c
-    import numpy as np
-
     return google_crc32c.extend(value, np.ascontiguousarray(array).reshape(-1).view(np.uint8))

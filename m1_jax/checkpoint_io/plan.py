@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from m1_jax.checkpoint_io import keys as key_table
+from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.config import M1Config
-from m1_jax.convert import keys as key_table
-from m1_jax.convert.safetensors_io import CheckpointError
 
 
 def stack_dims(cfg: M1Config) -> dict[tuple, int]:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from m1_jax.convert.buffers import PAGE
+from m1_jax.checkpoint_io.buffers import PAGE
+from m1_jax.checkpoint_io.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -39,10 +40,6 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as asked; the message names the file and key."""
 
 
 @dataclass(frozen=True)

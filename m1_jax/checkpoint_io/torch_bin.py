@@ -3,7 +3,7 @@
 Each file is opened with ``torch.load(weights_only=True, mmap=True)``: tensors stay memory-mapped
 until read, so no file is loaded whole. A directory holds ``pytorch_model.bin``, or shards listed by
 ``pytorch_model.bin.index.json``, or (without an index) every ``*.bin`` file in it. Same interface as
-:class:`m1_jax.convert.safetensors_io.SafetensorsCheckpoint`.
+:class:`m1_jax.checkpoint_io.safetensors_io.SafetensorsCheckpoint`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import os
 import ml_dtypes
 import numpy as np
 
-from m1_jax.convert.safetensors_io import CheckpointError, LazyCheckpoint, TensorInfo, read_weight_map
+from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.safetensors_io import LazyCheckpoint, TensorInfo, read_weight_map
 
 INDEX_NAME = "pytorch_model.bin.index.json"
 SINGLE_NAME = "pytorch_model.bin"

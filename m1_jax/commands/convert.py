@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from m1_jax.checkpoint_io.errors import CheckpointError
+
 
 def add_arguments(p):
     p.add_argument("src", help="checkpoint directory: config.json + *.safetensors (single or sharded with an "
@@ -23,15 +25,15 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    # imported when the command runs, so that `m1` starts without loading the converter
     from m1_jax.convert.convert import convert
-    from m1_jax.convert.safetensors_io import CheckpointError
 
     if args.workers is not None and args.workers < 1:
         raise CheckpointError(f"--workers {args.workers}: expected a positive number of threads")
 
     mesh = None
     if args.mesh:
-        from m1_jax import sharding
+        from m1_jax import sharding  # loads JAX: only when a mesh is asked for
 
         mesh = sharding.make_mesh(args.mesh)
     summary = convert(args.src, args.dst, dtype=args.dtype, resume=args.resume, verify=args.verify, mesh=mesh,

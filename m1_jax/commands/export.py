@@ -13,6 +13,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    # imported when the command runs, so that `m1` starts without loading the exporter
     from m1_jax.convert.export import export, parse_size
 
     summary = export(args.ckpt, args.dst, max_shard_bytes=parse_size(args.max_shard_size),

@@ -1,1 +1,1 @@
-"""Checkpoint formats: reading Hugging Face safetensors and mapping their keys onto the model."""
+"""``m1 convert`` and ``m1 export``: a Hugging Face / PyTorch checkpoint to the model's Orbax layout and back."""

@@ -2,118 +2,46 @@
 
 The output is the model's own NNX state layout (``nnx.state(abstract_model(cfg))``: stacked periods,
 stacked experts, Flax ``[in, out]``) written as an Orbax PyTree checkpoint under ``DST/state``, with
-``config.json``, the tokenizer files and the records of :mod:`m1_jax.convert.manifest`.
+``config.json``, the tokenizer files and the records of :mod:`m1_jax.checkpoint_io.manifest`.
 
 Streaming: every source tensor is checked against the config from the headers alone before anything
-is written; the parameter layout comes from the key table (:func:`m1_jax.convert.keys.param_layout`),
+is written; the parameter layout comes from the key table (:func:`m1_jax.checkpoint_io.keys.param_layout`),
 so no JAX is loaded. Then worker threads convert tensors side by side in file order: each reads one
 tensor (direct I/O into a reused, page-aligned buffer), changes its layout one chunk-sized piece at a
 time (:mod:`m1_jax.convert.transpose`) and writes each piece as a chunk file of its slot
-(:mod:`m1_jax.convert.orbax_writer`). Host memory is bounded by :class:`~m1_jax.convert.buffers.BufferPool`
-(two of the largest tensors' buffers), whatever the depth or the number of workers.
+(:mod:`m1_jax.convert.orbax_writer`). Host memory is bounded by
+:class:`~m1_jax.checkpoint_io.buffers.BufferPool` (two of the largest tensors' buffers), whatever the depth
+or the number of workers.
 """
 
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from m1_jax.checkpoint_io import keys as key_table
+from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io.buffers import PAGE, BufferPool
+from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.sources import open_source
 from m1_jax.config import M1Config
-from m1_jax.convert import keys as key_table
-from m1_jax.convert import manifest as mf
 from m1_jax.convert import orbax_writer as ow
-from m1_jax.convert.buffers import PAGE, BufferPool
-from m1_jax.convert.plan import plan_checkpoint, stack_dims
-from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from m1_jax.convert.transpose import contiguous_into
+from m1_jax.convert.layout import TOKENIZER_FILES, plan_all, slot_pieces, targets
+from m1_jax.convert.verify import verify_conversion
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 QUEUE_PER_WORKER = 2  # tensors submitted ahead per worker
 READAHEAD_BYTES = 512 << 20  # source bytes hinted to the OS ahead of the conversion (page-cache reads)
 STARTUP_READAHEAD_BYTES = 256 << 20  # read into the page cache while the plan is made
-
-
-def open_source(path: str, direct: bool = False):
-    """The lazy reader for a checkpoint directory: safetensors if present, else PyTorch ``.bin`` files.
-
-    ``direct``: safetensors reads into page-aligned buffers bypass the page cache (what a conversion wants).
-    """
-    from m1_jax.convert import safetensors_io, torch_bin
-
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    names = os.listdir(path)
-    if safetensors_io.INDEX_NAME in names or any(n.endswith(".safetensors") for n in names):
-        return SafetensorsCheckpoint(path, direct=direct)
-    if torch_bin.has_torch_files(path):
-        return torch_bin.TorchCheckpoint(path)
-    raise CheckpointError(f"{path}: no *.safetensors or PyTorch *.bin files")
-
-
-@dataclass(frozen=True)
-class Target:
-    """One output parameter: its Orbax name, shape, dtype, chunking and number of stacked axes."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    chunks: tuple[int, ...]
-    stack_dims: int
-
-
-def targets(cfg: M1Config, param_dtype) -> dict[tuple, Target]:
-    """Flat NNX path -> :class:`Target`, for every parameter of the model (:func:`keys.param_layout`)."""
-    stack = stack_dims(cfg)
-    out = {}
-    for path, (shape, fp32) in key_table.param_layout(cfg).items():
-        dtype = np.dtype(np.float32) if fp32 else np.dtype(param_dtype)
-        n = stack.get(path, 0)
-        out[path] = Target(ow.param_name(path), shape, dtype, ow.chunk_shape(shape, n, dtype.itemsize), n)
-    return out
-
-
-def plan_all(cfg: M1Config, src, tgts: dict[tuple, Target]) -> list[tuple[str, list]]:
-    """``[(key, placements)]`` in file order, after checking every key, shape and slot from headers alone."""
-    return plan_checkpoint(cfg, src, {p: t.shape for p, t in tgts.items()})
-
-
-def slot_pieces(pl, x: np.ndarray, t: Target, out_for=None):
-    """``(region index, value)`` pieces of tensor ``x`` placed by ``pl``, one per output chunk.
-
-    Each value is converted (layout, dtype) from a slice of ``x``; the whole slot never exists at once.
-    A piece that needs a copy (a transposed slice) is written into ``out_for(shape, dtype)`` when given
-    (a reused buffer: the caller finishes with each piece before asking for the next).
-    """
-    y = pl.layout(x)  # a view: transposes and halves do not copy
-    axis = len(pl.slot)
-    shape = t.shape[axis:]
-    if not shape:
-        yield pl.slot, np.asarray(y, dtype=t.dtype).reshape(())
-        return
-    if y.shape[0] == shape[0]:
-        unit = 1
-    elif len(shape) > 1 and y.ndim >= 1 and y.shape[0] == shape[0] * shape[1]:
-        unit = shape[1]
-    else:  # no row correspondence: convert the slot whole
-        y, unit = np.ascontiguousarray(y).reshape(shape), 1
-    step = t.chunks[axis]
-    for a in range(0, shape[0], step):
-        b = min(a + step, shape[0])
-        view = y[a * unit:b * unit]
-        out = None if view.flags.c_contiguous or out_for is None else out_for(view.shape, view.dtype)
-        piece = contiguous_into(view, out).reshape((b - a,) + shape[1:])
-        yield pl.slot + (slice(a, b),), piece.astype(t.dtype, copy=False)
 
 
 def piece_bytes(x_nbytes: int, itemsize: int, placements, tgts) -> int:
@@ -125,11 +53,12 @@ def piece_bytes(x_nbytes: int, itemsize: int, placements, tgts) -> int:
     return min(most, x_nbytes)
 
 
-def write_tensor(arrays, tgts, key: str, placements, x: np.ndarray, out_for=None) -> list[int]:
+def write_tensor(arrays, tgts, key: str, placements, x: np.ndarray, writer: ow.ChunkWriter,
+                 out_for=None) -> list[int]:
     """Writes one source tensor into its slots; returns the CRC-32C of each placement's written bytes.
 
-    A piece that is exactly one chunk (a whole slot row range) is written as the chunk file itself;
-    any other region goes through a TensorStore write. ``out_for``: see :func:`slot_pieces`.
+    A piece that is exactly one chunk (a whole slot row range) is written as the chunk file itself by
+    ``writer``; any other region goes through a TensorStore write. ``out_for``: see :func:`slot_pieces`.
     """
     crcs = []
     for pl in placements:
@@ -139,7 +68,8 @@ def write_tensor(arrays, tgts, key: str, placements, x: np.ndarray, out_for=None
             crc = mf.checksum(piece, crc)
             if len(pl.slot) == t.stack_dims and len(t.shape) > t.stack_dims:  # piece == one chunk
                 coords = pl.slot + (index[-1].start // t.chunks[t.stack_dims],) + (0,) * (len(t.shape) - t.stack_dims - 1)
-                ow.write_chunk(arr.kvstore.path, coords, piece.reshape((1,) * t.stack_dims + piece.shape), t.chunks)
+                writer.write_chunk(arr.kvstore.path, coords, piece.reshape((1,) * t.stack_dims + piece.shape),
+                                   t.chunks)
             else:
                 arr[index].write(piece).result()  # done before the piece's buffer is reused
         crcs.append(crc)
@@ -205,6 +135,7 @@ def _write_all(src, arrays, tgts, todo, manifest, workers: int, bar, n_jobs: int
     costs = {k: cost(k, pls) for k, pls in todo}
     total = {k: -(-a // PAGE) * PAGE + b for k, (a, b) in costs.items()}  # pieces start page-aligned
     pool = BufferPool(2 * max(total.values(), default=0))
+    writer = ow.ChunkWriter()
 
     def run(key, placements):
         n_src, n_piece = costs[key]
@@ -215,7 +146,7 @@ def _write_all(src, arrays, tgts, todo, manifest, workers: int, bar, n_jobs: int
             def out_for(shape, dtype):
                 return piece[: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
 
-            return write_tensor(arrays, tgts, key, placements, x, out_for)
+            return write_tensor(arrays, tgts, key, placements, x, writer, out_for)
 
     queue = collections.deque()
     nbytes = [src.info(k).nbytes for k, _ in todo]
@@ -256,8 +187,6 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
 
     ``workers``: threads converting tensors side by side (default: :func:`default_workers`).
     """
-    import gc
-
     if workers is not None and workers < 1:
         raise CheckpointError(f"workers={workers}: expected a positive number of threads")
     src_path, dst = os.fspath(src_path), os.fspath(dst)
@@ -292,8 +221,6 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     ow.write_metadata(state_dir, ow.param_entries({p: t.shape for p, t in tgts.items()}))
     summary = {"tensors": len(jobs), "bytes": sum(sizes.values()), "dtype": dtype_name, "dst": dst}
     if verify:
-        from m1_jax.convert.verify import verify_conversion
-
         summary["verify"] = verify_conversion(src_path, dst, mesh=mesh, progress=progress)
     mf.sync_filesystem(state_dir)
     with open(os.path.join(dst, mf.COMPLETE_FILE), "w") as f:

@@ -1,7 +1,7 @@
 """``m1 export``: a converted Orbax checkpoint -> Hugging Face safetensors shards with the original names.
 
 Streaming like the conversion: each checkpoint tensor (one slot of a stacked parameter) is read from
-its Orbax array region, put back into PyTorch layout (:func:`m1_jax.convert.keys.to_checkpoint_layout`)
+its Orbax array region, put back into PyTorch layout (:func:`m1_jax.checkpoint_io.keys.to_checkpoint_layout`)
 and appended to the current shard, whose header was written first from the shapes alone. Shards are
 written under temporary names and renamed; ``model.safetensors.index.json`` is written last.
 """
@@ -16,11 +16,13 @@ import shutil
 import numpy as np
 from tqdm.auto import tqdm
 
+from m1_jax.checkpoint_io import keys as key_table
+from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.safetensors_io import DTYPE_NAMES, INDEX_NAME
 from m1_jax.config import M1Config
-from m1_jax.convert import keys as key_table
-from m1_jax.convert import manifest as mf
 from m1_jax.convert import orbax_writer as ow
-from m1_jax.convert.safetensors_io import DTYPE_NAMES, INDEX_NAME, CheckpointError
+from m1_jax.convert.layout import TOKENIZER_FILES, targets
 from m1_jax.convert.transpose import contiguous_into
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -69,9 +71,6 @@ def _header(entries) -> bytes:
 
 def export(ckpt: str, dst: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict:
     """Writes ``dst`` (safetensors shards + index + config.json + tokenizer files) from ``ckpt``."""
-
-    from m1_jax.convert.convert import TOKENIZER_FILES, targets
-
     ckpt, dst = os.fspath(ckpt), os.fspath(dst)
     record = mf.check_loadable(ckpt)
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):

@@ -6,7 +6,7 @@ one zarr (v2, uncompressed) array per parameter in a directory named after its t
 (nothing allocated in memory) and filled region by region, so the host never holds a whole stacked
 tensor. Chunks are one slot (period[, expert]) split along the next axis into pieces of at most
 :data:`CHUNK_BYTES`; a piece that is one whole chunk is written as that chunk's file
-(:func:`write_chunk`), any other region with a TensorStore write of just that region.
+(:meth:`ChunkWriter.write_chunk`), any other region with a TensorStore write of just that region.
 
 :func:`open_array` reads arrays of any Orbax PyTree checkpoint (also OCDBT / zarr3 ones written by
 Orbax itself), region by region.
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import tensorstore as ts
 
-from m1_jax.convert.buffers import PAGE, aligned_empty
+from m1_jax.checkpoint_io.buffers import PAGE, aligned_empty
 
 CHUNK_BYTES = 64 << 20  # target size of one zarr chunk (and of one write)
 METADATA_FILE = "_METADATA"
@@ -122,56 +122,64 @@ def open_array(directory: str, name: str, meta: dict | None = None) -> ts.Tensor
     return ts.open({"driver": driver, "kvstore": kvstore}, open=True).result()
 
 
-def write_chunk(array_dir: str, coords: tuple[int, ...], value: np.ndarray, chunks: tuple[int, ...]) -> None:
-    """Writes one whole chunk of an uncompressed zarr v2 array (:func:`create_array`) as a file.
-
-    An uncompressed chunk is its C-order bytes, always of the full chunk shape (the edge chunk is padded
-    with zeros). Written in place: a chunk a kill cuts short belongs to a source tensor the manifest has
-    not recorded, which ``--resume`` writes again whole, and a checkpoint is only loaded once marked
-    complete. (TensorStore never reads these chunks back to merge a partial write: a parameter's chunks
-    are written either whole, here, or by TensorStore.)
-    """
-    if value.shape != tuple(chunks):
-        padded = aligned_empty(int(np.prod(chunks, dtype=np.int64)) * value.dtype.itemsize).view(value.dtype)
-        padded = padded.reshape(chunks)
-        padded[...] = 0
-        padded[tuple(slice(0, n) for n in value.shape)] = value
-        value = padded
-    path = os.path.join(array_dir, ".".join(map(str, coords)))
-    write_file(path, np.ascontiguousarray(value).reshape(-1).view(np.uint8))
-
-
-_direct_io = [hasattr(os, "O_DIRECT")]  # cleared the first time the file system refuses O_DIRECT
-
-
-def write_file(path: str, data: np.ndarray) -> None:
-    """Writes the bytes ``data`` (uint8) as the new file ``path``.
+class ChunkWriter:
+    """Writes whole chunks of uncompressed zarr v2 arrays (:func:`create_array`) as files.
 
     The page-aligned bulk of a page-aligned buffer is written with ``O_DIRECT``: straight from the
     buffer to the device, without filling (and on a VM, faulting in) page-cache pages that a
-    conversion never reads again; the rest, or everything where the file system refuses direct I/O
-    (tmpfs, some network file systems), goes through the page cache. Durability comes from the
-    file-system sync that precedes every manifest record.
+    conversion never reads again. ``direct``: whether to try that; it turns off for the rest of this
+    writer's life the first time the file system refuses direct I/O (tmpfs, some network file
+    systems), and writes then go through the page cache. One writer serves one conversion (its
+    threads share it: the flag only ever goes from on to off).
     """
-    n_direct = len(data) // PAGE * PAGE if _direct_io[0] and data.ctypes.data % PAGE == 0 else 0
-    if n_direct:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+
+    def __init__(self, direct: bool = True):
+        self.direct = direct and hasattr(os, "O_DIRECT")
+
+    def write_chunk(self, array_dir: str, coords: tuple[int, ...], value: np.ndarray,
+                    chunks: tuple[int, ...]) -> None:
+        """Writes one whole chunk of the array in ``array_dir`` at chunk coordinates ``coords``.
+
+        An uncompressed chunk is its C-order bytes, always of the full chunk shape (the edge chunk is
+        padded with zeros). Written in place: a chunk a kill cuts short belongs to a source tensor the
+        manifest has not recorded, which ``--resume`` writes again whole, and a checkpoint is only
+        loaded once marked complete. (TensorStore never reads these chunks back to merge a partial
+        write: a parameter's chunks are written either whole, here, or by TensorStore.)
+        """
+        if value.shape != tuple(chunks):
+            padded = aligned_empty(int(np.prod(chunks, dtype=np.int64)) * value.dtype.itemsize).view(value.dtype)
+            padded = padded.reshape(chunks)
+            padded[...] = 0
+            padded[tuple(slice(0, n) for n in value.shape)] = value
+            value = padded
+        path = os.path.join(array_dir, ".".join(map(str, coords)))
+        self.write_file(path, np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+
+    def write_file(self, path: str, data: np.ndarray) -> None:
+        """Writes the bytes ``data`` (uint8) as the new file ``path``.
+
+        Direct I/O where it can (see the class), the rest through the page cache. Durability comes
+        from the file-system sync that precedes every manifest record.
+        """
+        n_direct = len(data) // PAGE * PAGE if self.direct and data.ctypes.data % PAGE == 0 else 0
+        if n_direct:
             try:
-                _write_all(fd, data[:n_direct], 0)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            _direct_io[0], n_direct = False, 0
-    if n_direct == len(data):
-        return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if n_direct else os.O_TRUNC), 0o644)
-    try:
-        _write_all(fd, data[n_direct:], n_direct)
-    finally:
-        os.close(fd)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+                try:
+                    _write_all(fd, data[:n_direct], 0)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: the file system takes no direct I/O
+                    raise
+                self.direct, n_direct = False, 0
+        if n_direct == len(data):
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (0 if n_direct else os.O_TRUNC), 0o644)
+        try:
+            _write_all(fd, data[n_direct:], n_direct)
+        finally:
+            os.close(fd)
 
 
 def _write_all(fd: int, data: np.ndarray, offset: int) -> None:

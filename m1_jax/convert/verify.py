@@ -14,10 +14,12 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
+from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.sources import open_source
 from m1_jax.config import M1Config, param_counts
-from m1_jax.convert import manifest as mf
 from m1_jax.convert import orbax_writer as ow
-from m1_jax.convert.safetensors_io import CheckpointError
+from m1_jax.convert.layout import plan_all, slot_pieces, targets
 
 LOGITS_MAX_PARAMS = 50_000_000
 LOGITS_ATOL = 1e-4
@@ -28,9 +30,8 @@ class VerificationError(CheckpointError):
 
 
 def verify_conversion(src_path: str, dst: str, *, mesh=None, progress: bool = True) -> dict:
-
-    from m1_jax.convert.convert import open_source, plan_all, slot_pieces, targets
-
+    """Checks ``dst`` against its source ``src_path``; returns what was compared (raises
+    :class:`VerificationError` naming the first tensor that differs)."""
     cfg = M1Config.from_json(os.path.join(src_path, "config.json"))
     record = mf.read_record(dst)
     src = open_source(src_path)
@@ -60,12 +61,12 @@ def verify_conversion(src_path: str, dst: str, *, mesh=None, progress: bool = Tr
 
 
 def _compare_logits(cfg: M1Config, src, dst: str, record: dict, mesh) -> float:
+    # imported here: a conversion without the logits check runs without loading JAX
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from m1_jax.convert.restore import restore_model
-    from m1_jax.loading import load_state
+    from m1_jax.loading import load_state, restore_model
     from m1_jax.model import abstract_model
 
     param_dtype = jnp.dtype(record["dtype"])

@@ -1,35 +1,31 @@
-"""Conversion I/O pieces: chunk files written with and without direct I/O, the buffer pool, tensor reads."""
+"""Checkpoint I/O below the model: JAX-free imports, the buffer pool, lazy tensor reads, opening a source."""
 
+import pkgutil
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from m1_jax.convert import orbax_writer as ow
-from m1_jax.convert.buffers import PAGE, BufferPool, aligned_empty
-from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
+import m1_jax.checkpoint_io
+from m1_jax.checkpoint_io.buffers import PAGE, BufferPool, aligned_empty
+from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
+from m1_jax.checkpoint_io.sources import open_source
 
 
-@pytest.mark.parametrize("direct", [True, False])
-@pytest.mark.parametrize("nbytes", [1, PAGE - 1, PAGE, 3 * PAGE + 17, 5 * PAGE])
-@pytest.mark.parametrize("offset", [0, 8])
-def test_write_file_writes_exactly_the_bytes(tmp_path, monkeypatch, direct, nbytes, offset):
-    monkeypatch.setattr(ow, "_direct_io", [direct])
-    buf = aligned_empty(nbytes + offset)
-    buf[:] = np.random.default_rng(nbytes).integers(0, 256, size=buf.shape, dtype=np.uint8)
-    path = tmp_path / "chunk"
-    path.write_bytes(b"x" * (10 * PAGE))  # an older, longer file is replaced whole
-    ow.write_file(str(path), buf[offset:])
-    assert path.read_bytes() == buf[offset:].tobytes()
-
-
-def test_write_chunk_pads_the_edge_chunk(tmp_path):
-    value = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
-    ow.write_chunk(str(tmp_path), (0, 1, 0), value, (1, 4, 3))
-    got = np.frombuffer((tmp_path / "0.1.0").read_bytes(), np.float32).reshape(1, 4, 3)
-    np.testing.assert_array_equal(got[:, :2], value)
-    assert not got[:, 2:].any()
+def test_checkpoint_io_loads_neither_jax_nor_the_layers_above():
+    """Every module of the package imports without JAX and without the model, loader or converter."""
+    names = [f"m1_jax.checkpoint_io.{m.name}" for m in pkgutil.iter_modules(m1_jax.checkpoint_io.__path__)]
+    assert {"m1_jax.checkpoint_io.keys", "m1_jax.checkpoint_io.safetensors_io"} <= set(names)
+    code = (f"import sys; import {', '.join(names)}; "
+            "above = ('jax', 'flax', 'm1_jax.model', 'm1_jax.layers', 'm1_jax.convert', 'm1_jax.loading'); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in above[:2] or m.startswith(above[2:])); "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_aligned_buffers_start_on_a_page():
@@ -84,3 +80,17 @@ def test_read_into_reuses_the_buffer_and_reports_truncation(golden_dir, tmp_path
         short.read_into(key, aligned_empty(info.nbytes + short.read_slack))
     with pytest.raises(CheckpointError, match="truncated while reading"):
         short.read(key)
+
+
+def test_open_source_picks_the_reader_by_the_files(golden_dir, tmp_path):
+    assert isinstance(open_source(str(golden_dir / "sharded")), SafetensorsCheckpoint)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot read PyTorch|PyTorch .bin checkpoints need"):
+        open_source(str(bin_dir))  # the .bin reader was chosen: it refuses the empty file (or asks for torch)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty: no \\*.safetensors or PyTorch \\*.bin files"):
+        open_source(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="nowhere: not a checkpoint directory"):
+        open_source(str(tmp_path / "nowhere"))

@@ -155,7 +155,7 @@ def test_package_exports_load_on_first_use():
     import subprocess
     import sys
 
-    code = ("import sys, m1_jax.config, m1_jax.convert.safetensors_io; assert 'jax' not in sys.modules; "
+    code = ("import sys, m1_jax.config, m1_jax.checkpoint_io.safetensors_io; assert 'jax' not in sys.modules; "
             "import m1_jax.generate; from m1_jax.generate import Generation; import m1_jax; "
             "assert callable(m1_jax.generate) and m1_jax.generate.__name__ == 'generate'; "
             "from m1_jax import generate, from_pretrained, M1Config; assert generate is m1_jax.generate; "

@@ -11,11 +11,14 @@ from flax import nnx
 
 import m1_jax
 from m1_jax.cli import main
-from m1_jax.convert import manifest as mf
+from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
 from m1_jax.convert import orbax_writer as ow
-from m1_jax.convert.convert import convert, targets
+from m1_jax.convert.convert import convert
 from m1_jax.convert.export import export
-from m1_jax.convert.safetensors_io import SafetensorsCheckpoint
+from m1_jax.convert.layout import targets
+from m1_jax.convert.verify import VerificationError, verify_conversion
+from m1_jax.loading import restore_model
 
 ATOL = 1e-4  # fp32 logits (DESIGN: testing conventions)
 
@@ -125,8 +128,6 @@ def test_cli_convert_with_verify(golden_dir, tmp_path, capsys):
 
 
 def test_verify_finds_a_corrupted_array(golden_dir, tmp_path):
-    from m1_jax.convert.verify import VerificationError, verify_conversion
-
     dst = tmp_path / "bf16"
     convert(golden_dir / "sharded", dst, progress=False)
     chunk = dst / mf.STATE_DIR / "periods.layers.1.block_sparse_moe.w2.value" / "1.2.0.0"
@@ -139,8 +140,6 @@ def test_verify_finds_a_corrupted_array(golden_dir, tmp_path):
 
 
 def test_restore_onto_mesh(sharded_dst):
-    from m1_jax.convert.restore import restore_model
-
     model = restore_model(sharded_dst, mesh="data=1,fsdp=2,expert=2,tensor=2")
     w1 = model.periods.layers[0].block_sparse_moe.w1[...]
     assert len(w1.sharding.device_set) == 8
@@ -173,8 +172,6 @@ def test_export_reads_an_orbax_written_state(sharded_dst, tmp_path):
     import shutil
 
     import orbax.checkpoint as ocp
-
-    from m1_jax.convert.restore import restore_model
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

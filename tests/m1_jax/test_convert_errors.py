@@ -10,11 +10,13 @@ from test_convert import assert_same_arrays, converted_arrays
 
 import m1_jax
 from m1_jax.cli import main
+from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.sources import open_source
 from m1_jax.config import M1Config
 from m1_jax.convert import convert as convert_mod
-from m1_jax.convert import manifest as mf
 from m1_jax.convert.convert import convert
-from m1_jax.convert.safetensors_io import CheckpointError
+from m1_jax.convert.layout import plan_all, targets
 
 SHARD3 = "model-00003-of-00004.safetensors"
 
@@ -125,7 +127,7 @@ def test_interrupted_conversion_resumes_to_the_clean_result(golden_dir, tmp_path
     monkeypatch.setattr(convert_mod, "write_tensor", real)
     assert not (dst / mf.COMPLETE_FILE).exists()
     done = list(mf.Manifest(str(dst)).done)
-    file_order = [k for k, _ in convert_mod.plan_all(*_plan_args(golden_dir / "sharded"))]
+    file_order = [k for k, _ in plan_all(*_plan_args(golden_dir / "sharded"))]
     # recorded: a prefix of the file order, finished before the interruption (all 30 when sequential)
     assert done == file_order[: len(done)] and set(done) <= set(calls)
     assert len(done) == 30 if workers == 1 else 30 - workers <= len(done) <= 30
@@ -146,7 +148,7 @@ def test_interrupted_conversion_resumes_to_the_clean_result(golden_dir, tmp_path
 
 def _plan_args(src_path):
     cfg = M1Config.from_json(src_path / "config.json")
-    return cfg, convert_mod.open_source(str(src_path)), convert_mod.targets(cfg, "bfloat16")
+    return cfg, open_source(str(src_path)), targets(cfg, "bfloat16")
 
 
 def test_cut_manifest_line_is_redone(golden_dir, tmp_path, clean):
@@ -162,8 +164,8 @@ def test_cut_manifest_line_is_redone(golden_dir, tmp_path, clean):
 
 KILLER = """
 import os, signal, sys
+import m1_jax.checkpoint_io.manifest as mf
 import m1_jax.convert.convert as c
-import m1_jax.convert.manifest as mf
 
 mf.Manifest.__init__.__defaults__ = (0.0,)  # record every finished tensor at once
 real, n = c.write_tensor, [0]

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import m1_jax
-from m1_jax.convert import manifest as mf
+from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
 from m1_jax.convert.convert import convert
-from m1_jax.convert.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from test_convert import assert_same_arrays, converted_arrays
 
 torch = pytest.importorskip("torch", reason="torch (the [torch] extra) reads .bin checkpoints")

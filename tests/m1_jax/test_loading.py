@@ -11,7 +11,7 @@ import pytest
 
 import m1_jax
 from m1_jax import CheckpointError
-from m1_jax.convert.safetensors_io import SafetensorsCheckpoint
+from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
 
 safetensors_flax = pytest.importorskip("safetensors.flax")  # writes bfloat16 (numpy cannot)
 
