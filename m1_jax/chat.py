@@ -1,4 +1,4 @@
-"""M1's chat template (M1_SPEC §6) and the parser of its replies (reasoning, content, tool calls).
+"""M1's chat template (docs/model.md §4) and the parser of its replies (reasoning, content, tool calls).
 
 Rendering takes OpenAI-style messages (``role`` system / user / assistant / tool, ``content`` a string
 or a list of ``{"type": "text", "text": ...}`` items) and tools (``{"type": "function", "function":

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-# M1's special tokens (tokenizer_config.json of the release; M1_SPEC §6), in byte-tokenizer id order.
+# M1's special tokens (tokenizer_config.json of the release; docs/model.md §4), in byte-tokenizer id order.
 BEGIN_OF_DOCUMENT = "<begin_of_document>"
 BEGIN_OF_SENTENCE = "<beginning_of_sentence>"
 END_OF_SENTENCE = "<end_of_sentence>"

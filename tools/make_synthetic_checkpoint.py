@@ -25,12 +25,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from m1_jax.checkpoint_io import keys as key_table  # noqa: E402
 from m1_jax.config import M1Config, m1_layer_types  # noqa: E402
 from m1_jax.convert.export import _header, _shards  # noqa: E402
-
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from m1_jax.presets import CONFIG_DIR  # noqa: E402
 
 
 def synthetic_config(args) -> dict:
-    with open(os.path.join(REPO, "configs", "minimax-m1-80k.json")) as f:
+    with open(CONFIG_DIR / "minimax-m1-80k.json") as f:
         cfg = json.load(f)
     types = m1_layer_types(args.layers)
     cfg.update(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.intermediate,

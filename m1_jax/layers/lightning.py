@@ -1,6 +1,6 @@
 """Lightning attention layer (70 of M1's 80 layers): linear attention with a fixed per-head decay.
 
-Data path (M1_SPEC §2.3): ``u = SiLU(h @ W_qkv)`` reshaped head-major to q | k | v per head, the
+Data path (docs/model.md §2.4): ``u = SiLU(h @ W_qkv)`` reshaped head-major to q | k | v per head, the
 lightning op (``S_t = e^-s S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``, fp32 state), an RMSNorm over all
 heads jointly (eps 1e-6), a sigmoid gate from the same ``h``, and the output projection.
 """

@@ -1,4 +1,4 @@
-"""Per-head decay slopes of MiniMax-M1's lightning attention (M1_SPEC §2.3).
+"""Per-head decay slopes of MiniMax-M1's lightning attention (docs/model.md §2.5).
 
 slope[h] = alibi(H)[h] * (1 - l / (L - 1) + 1e-5), where alibi(H) is the ALiBi
 slope list of the original code (2^(-8(h+1)/H) when H is a power of two, the

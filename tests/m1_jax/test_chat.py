@@ -1,4 +1,4 @@
-"""M1 chat template (M1_SPEC §6) and reply parsing."""
+"""M1 chat template (docs/model.md §4) and reply parsing."""
 
 import pytest
 
@@ -23,7 +23,7 @@ CONVERSATION = [
     {"role": "user", "content": "Thanks!"},
 ]
 
-# Written out by hand from M1_SPEC §6.
+# Written out by hand from docs/model.md §4.
 EXPECTED = (
     "<begin_of_document>"
     "<beginning_of_sentence>system ai_setting=assistant\nYou are a helpful assistant.<end_of_sentence>\n"

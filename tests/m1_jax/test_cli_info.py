@@ -13,7 +13,7 @@ from flax import nnx
 import m1_jax
 from m1_jax import cli
 
-TOTAL = "456,089,655,296"  # the published size of MiniMax-M1 (M1_SPEC §3)
+TOTAL = "456,089,655,296"  # the published size of MiniMax-M1 (docs/model.md §1.4)
 ACTIVE = "45,944,920,064"  # active per token, excluding embedding and head (the published 45.9B)
 
 

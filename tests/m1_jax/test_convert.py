@@ -1,7 +1,6 @@
 """``m1 convert`` / ``m1 export`` against the golden checkpoints: logits, layout, round trip."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +18,9 @@ from m1_jax.convert.export import export
 from m1_jax.convert.layout import targets
 from m1_jax.convert.verify import VerificationError, verify_conversion
 from m1_jax.loading import restore_model
+from m1_jax.presets import CONFIG_DIR
 
-ATOL = 1e-4  # fp32 logits (DESIGN: testing conventions)
+ATOL = 1e-4  # fp32 logits (docs/model.md §5.5)
 
 
 def converted_arrays(dst):
@@ -86,11 +86,11 @@ def test_layout_is_the_models_state(sharded_dst, golden_dir):
         assert (sharded_dst / f).is_file()
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[2] / "configs").glob("*.json")
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIG_DIR.glob("*.json")
                                            if "num_hidden_layers" in p.read_text()))
 def test_param_layout_is_the_models_state_for_every_config(config):
     """The converter writes from the key table's layout alone (no JAX): it must be exactly the model's."""
-    cfg = m1_jax.M1Config.from_json(Path(__file__).parents[2] / "configs" / config)
+    cfg = m1_jax.M1Config.from_json(CONFIG_DIR / config)
     for dtype in (jnp.bfloat16, jnp.float32):
         abstract = nnx.state(m1_jax.abstract_model(cfg, param_dtype=dtype))
         want = {names: (name, key_md, tuple(leaf.shape), np.dtype(leaf.dtype))

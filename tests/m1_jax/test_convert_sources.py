@@ -15,7 +15,7 @@ from test_convert import assert_same_arrays, converted_arrays
 
 torch = pytest.importorskip("torch", reason="torch (the [torch] extra) reads .bin checkpoints")
 
-ATOL = 1e-4  # fp32 logits (DESIGN: testing conventions)
+ATOL = 1e-4  # fp32 logits (docs/model.md §5.5)
 
 
 def _to_torch(x: np.ndarray):

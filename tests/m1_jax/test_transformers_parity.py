@@ -1,6 +1,6 @@
 """The model against transformers' native ``MiniMaxForCausalLM`` on a tiny random config.
 
-Native rotates the whole head (M1_SPEC §4), so its config.json carries no partial rotary factor and
+Native rotates the whole head (docs/model.md §5.4), so its config.json carries no partial rotary factor and
 our reader must give ``rotary_dim == head_dim``. Native's slope factor has an extra ``+1e-5`` in a
 denominator; with the last layer a softmax layer the difference is ~1e-7 relative, far below the
 tolerance. Both weight layouts are loaded: the per-expert original names that ``save_pretrained``
@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch", reason="torch is needed for the transformer
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the parity test")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-ATOL = 1e-4  # fp32 logits (DESIGN: testing conventions)
+ATOL = 1e-4  # fp32 logits (docs/model.md §5.5)
 ALPHA = 3.5565588200778455
 LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
 BLOCK = 5
