@@ -4,15 +4,21 @@ A run config (a ``train-*.json`` preset or any file) is a nested JSON object who
 dataclasses below; anything missing takes the default, anything unknown is an error naming the file
 and key. Every field can be overridden on the command line with ``--set section.field=value`` (the
 value is read as JSON when it parses, else as a string).
+
+Each value is checked when it is set (type, finiteness, range, choices: :data:`RULES`), the relations
+between fields once the whole config is read (:meth:`RunConfig.validate`); every error is one line
+naming the file or ``--set`` flag and ``section.field``. :func:`resume_conflicts` lists what a resumed
+run changed among the fields it must keep (:data:`RESUME_FIXED_FIELDS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from m1_jax.presets import CONFIG_DIR
 
@@ -77,6 +83,92 @@ class TrainSection:
 
 SECTIONS = {"model": ModelSection, "optimizer": OptimizerSection, "data": DataSection, "train": TrainSection}
 
+# String fields with a fixed set of values. The model's choices are those of m1_jax.model.REMAT_POLICIES,
+# m1_jax.layers.moe.MOE_IMPLS and pallas_kernels.lightning.IMPLS (a test keeps them equal; importing
+# them here would load JAX just to read a run config).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.moe_impl": ("ragged", "dense"),
+    "model.lightning_impl": ("auto", "reference", "xla", "pallas"),
+    "data.format": ("auto", "text", "jsonl", "tokens"),
+    "train.on_nan": ("stop", "skip"),
+}
+MAX_SEED = 2 ** 32
+
+
+def _at_least(lo) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= lo else f"must be >= {lo}, got {v!r}"
+
+
+def _positive(v) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v!r}"
+
+
+def _unit_interval(closed: bool) -> Callable[[Any], str | None]:
+    def check(v) -> str | None:
+        return None if 0 <= v <= 1 and (closed or v < 1) else f"must be in [0, 1{']' if closed else ')'}, got {v!r}"
+    return check
+
+
+def _seed(v) -> str | None:
+    return None if 0 <= v < MAX_SEED else f"must be in [0, 2**32), got {v!r}"
+
+
+def _non_empty(v) -> str | None:
+    return None if v else "must not be empty"
+
+
+def _mesh(v) -> str | None:
+    # Lazy: the mesh parser lives with the meshes (JAX); run configs are read without it otherwise.
+    from m1_jax.sharding import MeshError, parse_mesh_spec
+
+    try:
+        parse_mesh_spec(v)
+    except MeshError as e:
+        prefix = f"--mesh {v!r}: "
+        return str(e)[len(prefix):] if str(e).startswith(prefix) else str(e)
+    return None
+
+
+# The range of each field (its type is the default's: see _coerce); fields not listed take any value
+# of their type.
+RULES: dict[str, Callable[[Any], str | None]] = {
+    "model.config": _non_empty,
+    "model.seed": _seed,
+    "optimizer.lr": _positive,
+    "optimizer.min_lr_ratio": _unit_interval(closed=True),
+    "optimizer.warmup_steps": _at_least(0),
+    "optimizer.decay_steps": _at_least(1),
+    "optimizer.b1": _unit_interval(closed=False),
+    "optimizer.b2": _unit_interval(closed=False),
+    "optimizer.eps": _positive,
+    "optimizer.weight_decay": _at_least(0),
+    "optimizer.clip_norm": _at_least(0),  # 0: no clipping
+    "optimizer.z_loss": _at_least(0),
+    "data.source": _non_empty,
+    "data.tokenizer": _non_empty,
+    "data.seq_len": _at_least(2),  # a row holds at least one input and its next token
+    "data.batch_size": _at_least(1),
+    "data.micro_batches": _at_least(1),
+    "data.shards": _at_least(0),
+    "data.seed": _seed,
+    "data.max_files": _at_least(0),
+    "train.steps": _at_least(1),
+    "train.mesh": _mesh,
+    "train.checkpoint_every": _at_least(1),
+    "train.max_to_keep": _at_least(1),
+    "train.sample_tokens": _at_least(0),
+    "train.peak_flops_per_device": _at_least(0),
+}
+
+# What a resumed run must keep: the fields that decide the data stream, which the data iterator state in
+# the checkpoint continues. (The model is compared as the resolved config, not by name; data.shards is
+# checked against the iterator state itself; batch size, optimizer, schedule length and mesh may change.)
+RESUME_FIXED_FIELDS = ("data.source", "data.format", "data.tokenizer", "data.seq_len", "data.shuffle",
+                       "data.seed", "data.max_files")
+
 
 @dataclasses.dataclass
 class RunConfig:
@@ -85,25 +177,33 @@ class RunConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
 
+    def __post_init__(self):
+        self._sources: dict[str, str] = {}  # section.field -> the file or flag that set it last
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "run config") -> "RunConfig":
+        out = cls()
+        out.update(d, source)
+        out.validate()
+        return out
+
+    def update(self, d: dict[str, Any], source: str = "run config") -> None:
+        """Sets the fields of a nested dict (sections of fields), each checked as by :meth:`set`."""
         if not isinstance(d, dict):
             raise RunConfigError(f"{source}: expected a JSON object with sections {', '.join(SECTIONS)}")
-        out = cls()
         for name, values in d.items():
             if name not in SECTIONS:
                 raise RunConfigError(f"{source}: unknown section {name!r} (sections: {', '.join(SECTIONS)})")
             if not isinstance(values, dict):
                 raise RunConfigError(f"{source}: section {name!r} must be a JSON object")
             for key, value in values.items():
-                out.set(f"{name}.{key}", value, source=source)
-        return out
+                self.set(f"{name}.{key}", value, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def set(self, dotted: str, value: Any, source: str = "--set") -> None:
-        """Sets ``section.field`` to ``value`` (type-checked against the default's type)."""
+        """Sets ``section.field`` to ``value``: type-checked against the default's type, then its range."""
         section, _, field = dotted.partition(".")
         if section not in SECTIONS or not field:
             raise RunConfigError(f"{source}: {dotted!r} is not SECTION.FIELD with SECTION one of "
@@ -112,27 +212,95 @@ class RunConfig:
         fields = {f.name: f for f in dataclasses.fields(obj)}
         if field not in fields:
             raise RunConfigError(f"{source}: unknown key {dotted!r} (fields of {section}: {', '.join(fields)})")
-        current = getattr(obj, field)
-        setattr(obj, field, _coerce(value, current, fields[field].type, f"{source}: {dotted}"))
+        value = _checked(dotted, value, fields[field], f"{source}: {dotted}")
+        setattr(obj, field, value)
+        self._sources.pop(dotted, None)
+        self._sources[dotted] = source  # insertion order: the last one set comes last
+
+    def validate(self) -> None:
+        """Checks every field (for configs built in code) and the relations between fields."""
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            for f in dataclasses.fields(obj):
+                dotted = f"{section}.{f.name}"
+                _checked(dotted, getattr(obj, f.name), f, f"{self._source(dotted)}: {dotted}")
+        d, t = self.data, self.train
+        if d.batch_size % d.micro_batches:
+            self._fail(("data.micro_batches", "data.batch_size"),
+                       f"{d.micro_batches} does not divide data.batch_size={d.batch_size}")
+        if t.sample_tokens and not t.sample_prompt:
+            self._fail(("train.sample_prompt", "train.sample_tokens"),
+                       f"is empty but train.sample_tokens={t.sample_tokens} (a sample needs a prompt; "
+                       f"train.sample_tokens=0 turns the sample off)")
+
+    def _source(self, dotted: str) -> str:
+        return self._sources.get(dotted, "run config")
+
+    def _fail(self, fields: tuple[str, ...], msg: str):
+        """An error about the relation of ``fields``, named after the first, blaming the file or flag
+        that set one of them last."""
+        order = list(self._sources)
+        last = max(fields, key=lambda f: order.index(f) if f in order else -1)
+        raise RunConfigError(f"{self._source(last)}: {fields[0]}: {msg}")
 
 
-def _coerce(value, current, annotation, what: str):
+def _checked(dotted: str, value: Any, f: dataclasses.Field, what: str):
+    """``value`` converted to the field's type (:func:`_coerce`) and within its range (:data:`RULES`)."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    value = _coerce(value, default, f.type, what)
+    if value is None:
+        return None
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        raise RunConfigError(f"{what}: must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
+    rule = RULES.get(dotted)
+    if rule is not None and (err := rule(value)) is not None:
+        raise RunConfigError(f"{what}: {err}")
+    return value
+
+
+def _coerce(value, default, annotation, what: str):
     if value is None and "None" in str(annotation):
         return None
-    kind = type(current) if current is not None else int
+    kind = type(default) if default is not None else int
     if kind is bool:
         if isinstance(value, bool):
             return value
         raise RunConfigError(f"{what}: expected true or false, got {value!r}")
-    if kind in (int, float):
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+            raise RunConfigError(f"{what}: expected an integer, got {value!r}")
+        return int(value)
+    if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RunConfigError(f"{what}: expected a number, got {value!r}")
-        if kind is int and float(value) != int(value):
-            raise RunConfigError(f"{what}: expected an integer, got {value!r}")
-        return kind(value)
+        if not math.isfinite(value):
+            raise RunConfigError(f"{what}: must be a finite number, got {value!r}")
+        return float(value)
     if not isinstance(value, str):
         raise RunConfigError(f"{what}: expected a string, got {value!r}")
     return value
+
+
+def diff_run_configs(a: RunConfig | Mapping, b: RunConfig | Mapping) -> dict[str, tuple[Any, Any]]:
+    """``{"section.field": (value in a, value in b)}`` for every field that differs (dicts as
+    :meth:`RunConfig.to_dict` writes them are accepted too)."""
+    da = a.to_dict() if isinstance(a, RunConfig) else a
+    db = b.to_dict() if isinstance(b, RunConfig) else b
+    out = {}
+    for section in SECTIONS:
+        sa, sb = da.get(section, {}), db.get(section, {})
+        for key in dict.fromkeys([*sa, *sb]):
+            if sa.get(key) != sb.get(key):
+                out[f"{section}.{key}"] = (sa.get(key), sb.get(key))
+    return out
+
+
+def resume_conflicts(saved: RunConfig | Mapping, current: RunConfig | Mapping) -> list[str]:
+    """What ``current`` changed among :data:`RESUME_FIXED_FIELDS` against the run config a checkpoint
+    was written with, one line per field (empty: the run may resume)."""
+    diff = diff_run_configs(saved, current)
+    return [f"{f}: {diff[f][0]!r} when the checkpoint was written, {diff[f][1]!r} now"
+            for f in RESUME_FIXED_FIELDS if f in diff]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -165,8 +333,10 @@ def load_run_config(name_or_path: str | os.PathLike | None = None, overrides=())
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RunConfigError(f"{path}: not valid JSON ({e})") from None
-    cfg = RunConfig.from_dict(d, source=str(path))
+    cfg = RunConfig()
+    cfg.update(d, source=str(path))
     for text in overrides:
         key, value = parse_override(text)
         cfg.set(key, value, source=f"--set {text}")
+    cfg.validate()
     return cfg
