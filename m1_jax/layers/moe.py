@@ -2,7 +2,7 @@
 
 Router: ``p = softmax_fp32(g @ W_r)``; the top-k probabilities are renormalised to sum to one and
 cast to the activation dtype (as the original code does). Expert ``e``:
-``W2_e(SiLU(W1_e g) * W3_e g)``. Two exact paths:
+``W2_e(SiLU(W1_e g) * W3_e g)`` (:mod:`.experts`). Two exact paths:
 
 * ``"dense"``: every expert on every token, weighted by the (mostly zero) combine weights; the
   reference, cost ``num_experts / top_k`` times the useful work;
@@ -20,6 +20,8 @@ from flax import nnx
 from m1_jax import sharding
 from m1_jax.config import M1Config
 from m1_jax.layers.common import param
+from m1_jax.layers.experts import experts_dense, experts_ragged
+from m1_jax.layers.moe_parallel import experts_sharded
 
 MOE_IMPLS = ("ragged", "dense")
 
@@ -49,32 +51,6 @@ def load_balancing_loss(logits: jax.Array, experts: jax.Array, num_experts: int,
     return num_experts * jnp.sum(f * (w @ probs) / n)
 
 
-def experts_dense(x, weights, experts, w1, w3, w2, dtype):
-    """All experts on all tokens; x [N, D], weights/experts [N, k] -> [N, D]."""
-    E = w1.shape[0]
-    combine = jnp.sum(jax.nn.one_hot(experts, E, dtype=dtype) * weights[..., None].astype(dtype), axis=-2)
-    x = x.astype(dtype)
-    h = jax.nn.silu(jnp.einsum("nd,edi->eni", x, w1.astype(dtype))) * jnp.einsum("nd,edi->eni", x, w3.astype(dtype))
-    y = jnp.einsum("eni,eid->end", h, w2.astype(dtype))
-    return jnp.einsum("end,ne->nd", y, combine)
-
-
-def experts_ragged(x, weights, experts, w1, w3, w2, dtype):
-    """Token-sorted grouped matmuls; x [N, D], weights/experts [N, k] -> [N, D]."""
-    N, k = experts.shape
-    E = w1.shape[0]
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    xs = x.astype(dtype)[token]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w1.astype(dtype), group_sizes)) * jax.lax.ragged_dot(
-        xs, w3.astype(dtype), group_sizes)
-    y = jax.lax.ragged_dot(h, w2.astype(dtype), group_sizes)
-    y = y * weights.reshape(-1)[order][:, None].astype(dtype)
-    return jnp.zeros((N, x.shape[-1]), dtype).at[token].add(y)
-
-
 class MoE(nnx.Module):
     def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  impl: str = "ragged"):
@@ -102,7 +78,6 @@ class MoE(nnx.Module):
         B, T, D = x.shape
         logits, weights, experts = route(x, self.gate[...], self.cfg.num_experts_per_tok)
         if impl == "ragged" and sharding.active_mesh() is not None:  # expert parallel (moe_parallel.py)
-            from m1_jax.layers.moe_parallel import experts_sharded
             y = experts_sharded(x, weights, experts, self.w1[...], self.w3[...], self.w2[...], self.dtype)
         else:
             fn = experts_dense if impl == "dense" else experts_ragged

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from m1_jax import sharding
+from m1_jax.layers.experts import combine, experts_ragged, sort_by_expert, swiglu_grouped
+from pallas_kernels.platform import targeting_tpu
 
 EXPERT = "expert"
 # Tokens per device routed at once: the receive buffer is ep * CHUNK_TOKENS * top_k rows.
@@ -39,7 +41,7 @@ def _exclusive_cumsum(x, axis=-1):
 
 
 def padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                             axis_name: str, axis_size: int):
+                             axis_name: str):
     """``jax.lax.ragged_all_to_all`` semantics from a dense ``all_to_all`` (for backends without it).
 
     Rows ``[input_offsets[j], input_offsets[j] + send_sizes[j])`` of ``operand`` go to device ``j``
@@ -56,12 +58,6 @@ def padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_
     target = offsets[:, None] + rows[None, :]
     target = jnp.where(rows[None, :] < recv_sizes[:, None], target, output.shape[0])  # padding: dropped
     return output.at[target.reshape(-1)].set(recv.reshape((-1,) + operand.shape[1:]), mode="drop")
-
-
-def _swiglu_grouped(x, group_sizes, w1, w3, w2, dtype):
-    h = jax.nn.silu(jax.lax.ragged_dot(x, w1.astype(dtype), group_sizes)) * jax.lax.ragged_dot(
-        x, w3.astype(dtype), group_sizes)
-    return jax.lax.ragged_dot(h, w2.astype(dtype), group_sizes)
 
 
 def _num_chunks(n: int, chunk_tokens: int) -> int:
@@ -97,46 +93,40 @@ def _local_experts(x, weights, experts, w1, w3, w2, *, num_experts: int, ep: int
 
 def _routed(x, weights, experts, *, w1, w3, w2, num_experts: int, ep: int, dtype, ragged: bool):
     """x [n, D], weights/experts [n, k] -> [n, D] (partial over ``tensor`` when the width is split)."""
+    if ep == 1:  # all experts are local
+        return experts_ragged(x, weights, experts, w1, w3, w2, dtype)
     n, D = x.shape
     k = experts.shape[-1]
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    xs = x.astype(dtype)[token]  # [n*k, D], sorted by expert
-    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
-    if ep == 1:
-        y = _swiglu_grouped(xs, counts, w1, w3, w2, dtype)
+    xs, counts, order = sort_by_expert(x, experts, num_experts, dtype)  # xs [n*k, D]; counts [E]
+    e_loc = num_experts // ep
+    me = jax.lax.axis_index(EXPERT)
+    all_counts = jax.lax.all_gather(counts, EXPERT)  # [src, E]
+    matrix = all_counts.reshape(ep, ep, e_loc).sum(-1)  # rows sent [src, dst]
+    send = matrix[me]  # [dst]
+    in_offsets = _exclusive_cumsum(send)
+    recv = matrix[:, me]  # [src]
+    recv_offsets = _exclusive_cumsum(recv)
+    out_offsets = _exclusive_cumsum(matrix, axis=0)[me]  # where my run lands on each dst
+    back_offsets = _exclusive_cumsum(matrix, axis=1)[:, me]  # where src's run started in src's rows
+    cap = ep * n * k  # worst case: every row of every shard comes here
+    if ragged:
+        exchange = functools.partial(jax.lax.ragged_all_to_all, axis_name=EXPERT)
     else:
-        e_loc = num_experts // ep
-        me = jax.lax.axis_index(EXPERT)
-        all_counts = jax.lax.all_gather(counts, EXPERT)  # [src, E]
-        matrix = all_counts.reshape(ep, ep, e_loc).sum(-1)  # rows sent [src, dst]
-        send = matrix[me]  # [dst]
-        in_offsets = _exclusive_cumsum(send)
-        recv = matrix[:, me]  # [src]
-        recv_offsets = _exclusive_cumsum(recv)
-        out_offsets = _exclusive_cumsum(matrix, axis=0)[me]  # where my run lands on each dst
-        back_offsets = _exclusive_cumsum(matrix, axis=1)[:, me]  # where src's run started in src's rows
-        cap = ep * n * k  # worst case: every row of every shard comes here
-        if ragged:
-            exchange = functools.partial(jax.lax.ragged_all_to_all, axis_name=EXPERT)
-        else:
-            exchange = functools.partial(padded_ragged_all_to_all, axis_name=EXPERT, axis_size=ep)
-        buf = exchange(xs, jnp.zeros((cap, D), dtype), in_offsets, send, out_offsets, recv)
-        # Local expert of every received row: runs from each source, each sorted by expert.
-        local_counts = jax.lax.dynamic_slice_in_dim(all_counts, me * e_loc, e_loc, axis=1)  # [src, E/ep]
-        p = jnp.arange(cap)
-        src = jnp.searchsorted(jnp.cumsum(recv), p, side="right")  # == ep for padding rows
-        src_c = jnp.minimum(src, ep - 1)
-        r = p - recv_offsets[src_c]
-        e = jnp.sum(jnp.cumsum(local_counts, axis=1)[src_c] <= r[:, None], axis=1)
-        e = jnp.where(src < ep, e, e_loc)
-        perm = jnp.argsort(e, stable=True)
-        y_sorted = _swiglu_grouped(buf[perm], local_counts.sum(0), w1, w3, w2, dtype)
-        y_recv = jnp.zeros_like(y_sorted).at[perm].set(y_sorted)
-        y = exchange(y_recv, jnp.zeros((n * k, D), dtype), recv_offsets, recv, back_offsets, send)
-    y = y * weights.reshape(-1)[order][:, None].astype(dtype)
-    return jnp.zeros((n, D), dtype).at[token].add(y)
+        exchange = functools.partial(padded_ragged_all_to_all, axis_name=EXPERT)
+    buf = exchange(xs, jnp.zeros((cap, D), dtype), in_offsets, send, out_offsets, recv)
+    # Local expert of every received row: runs from each source, each sorted by expert.
+    local_counts = jax.lax.dynamic_slice_in_dim(all_counts, me * e_loc, e_loc, axis=1)  # [src, E/ep]
+    p = jnp.arange(cap)
+    src = jnp.searchsorted(jnp.cumsum(recv), p, side="right")  # == ep for padding rows
+    src_c = jnp.minimum(src, ep - 1)
+    r = p - recv_offsets[src_c]
+    e = jnp.sum(jnp.cumsum(local_counts, axis=1)[src_c] <= r[:, None], axis=1)
+    e = jnp.where(src < ep, e, e_loc)
+    perm = jnp.argsort(e, stable=True)
+    y_sorted = swiglu_grouped(buf[perm], local_counts.sum(0), w1, w3, w2, dtype)
+    y_recv = jnp.zeros_like(y_sorted).at[perm].set(y_sorted)
+    y = exchange(y_recv, jnp.zeros((n * k, D), dtype), recv_offsets, recv, back_offsets, send)
+    return combine(y, weights, order, dtype)
 
 
 def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = None, ragged: bool | None = None,
@@ -144,7 +134,8 @@ def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = 
     """The routed experts over ``mesh`` (default: the active mesh). x [B, T, D]; weights/experts
     [B, T, k]; w1/w3 [E, D, I]; w2 [E, I, D] -> [B, T, D].
 
-    ``ragged``: use ``jax.lax.ragged_all_to_all`` (default: when the mesh's devices are TPUs).
+    ``ragged``: use ``jax.lax.ragged_all_to_all`` (default: when tracing for TPU,
+    :func:`pallas_kernels.platform.targeting_tpu`).
     ``chunk_tokens``: tokens per device exchanged at once (bounds the worst-case buffers).
     """
     mesh = mesh or sharding.active_mesh()
@@ -154,7 +145,7 @@ def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = 
         raise sharding.MeshError(f"--mesh {sharding.format_mesh_spec(mesh)}: expert={ep} does not divide "
                                  f"num_local_experts={E}")
     if ragged is None:
-        ragged = mesh.devices.flat[0].platform == "tpu"
+        ragged = targeting_tpu()
     with sharding.activate(mesh):
         tok = sharding.spec(("batch", "length", None), x.shape)
         w_in = sharding.spec(("experts", None, "mlp"), w1.shape)

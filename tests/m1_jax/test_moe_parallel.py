@@ -8,7 +8,8 @@ from flax import nnx
 
 from m1_jax import sharding
 from m1_jax.config import M1Config
-from m1_jax.layers.moe import MoE, experts_dense
+from m1_jax.layers.experts import experts_dense
+from m1_jax.layers.moe import MoE
 from m1_jax.layers.moe_parallel import experts_sharded, padded_ragged_all_to_all
 
 TOL = 1e-5
@@ -70,7 +71,7 @@ def test_padded_exchange_matches_ragged_all_to_all_semantics():
         out_off = (jnp.cumsum(matrix, axis=0) - matrix)[me]
         recv = matrix[:, me]
         out = padded_ragged_all_to_all(operand, jnp.full((cap, 2), -1.0), in_off, send, out_off, recv,
-                                       axis_name="expert", axis_size=ep)
+                                       axis_name="expert")
         return out[None]
 
     got = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=spec))(

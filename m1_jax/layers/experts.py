@@ -1,0 +1,62 @@
+"""The routed SwiGLU experts of the MoE layer on one shard: a dense reference and grouped matmuls.
+
+Expert ``e``: ``W2_e(SiLU(W1_e x) * W3_e x)``. Every token goes to ``k`` experts (its ``k`` slots) with a
+router weight each; its output is the weighted sum of those experts' outputs. Shapes: x [N, D],
+weights / experts [N, k], w1 / w3 [E, D, I], w2 [E, I, D] -> [N, D].
+
+The grouped path sorts the (token, slot) rows by expert, runs each expert on its contiguous run of rows
+(``jax.lax.ragged_dot``) and scatters the weighted results back to their tokens. The expert-parallel
+path (:mod:`m1_jax.layers.moe_parallel`) uses the same three steps with an exchange of the sorted rows
+between expert shards in the middle, and :func:`experts_ragged` itself when there is one shard.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def experts_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
+                  w2: jax.Array, dtype) -> jax.Array:
+    """All experts on all tokens, weighted by the (mostly zero) combine weights: the reference, cost
+    ``num_experts / k`` times the useful work."""
+    E = w1.shape[0]
+    combine_w = jnp.sum(jax.nn.one_hot(experts, E, dtype=dtype) * weights[..., None].astype(dtype), axis=-2)
+    x = x.astype(dtype)
+    h = jax.nn.silu(jnp.einsum("nd,edi->eni", x, w1.astype(dtype))) * jnp.einsum("nd,edi->eni", x, w3.astype(dtype))
+    y = jnp.einsum("eni,eid->end", h, w2.astype(dtype))
+    return jnp.einsum("end,ne->nd", y, combine_w)
+
+
+def sort_by_expert(x: jax.Array, experts: jax.Array, num_experts: int,
+                   dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The (token, slot) rows in expert order: (rows [N*k, D] in ``dtype``, rows per expert int32
+    [num_experts], order [N*k]: the flat (token, slot) index of each row)."""
+    k = experts.shape[-1]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return x.astype(dtype)[order // k], counts, order
+
+
+def swiglu_grouped(rows: jax.Array, group_sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
+                   dtype) -> jax.Array:
+    """Expert ``e`` on the ``e``-th run of ``rows`` (runs of ``group_sizes`` rows, in expert order)."""
+    h = jax.nn.silu(jax.lax.ragged_dot(rows, w1.astype(dtype), group_sizes)) * jax.lax.ragged_dot(
+        rows, w3.astype(dtype), group_sizes)
+    return jax.lax.ragged_dot(h, w2.astype(dtype), group_sizes)
+
+
+def combine(y: jax.Array, weights: jax.Array, order: jax.Array, dtype) -> jax.Array:
+    """Expert outputs ``y`` [N*k, D] in the order of :func:`sort_by_expert` -> [N, D]: each row times its
+    slot's router weight, added into its token."""
+    n, k = weights.shape
+    y = y * weights.reshape(-1)[order][:, None].astype(dtype)
+    return jnp.zeros((n, y.shape[-1]), dtype).at[order // k].add(y)
+
+
+def experts_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
+                   w2: jax.Array, dtype) -> jax.Array:
+    """Token-sorted grouped matmuls over all of ``w1.shape[0]`` experts (one shard)."""
+    rows, counts, order = sort_by_expert(x, experts, w1.shape[0], dtype)
+    return combine(swiglu_grouped(rows, counts, w1, w3, w2, dtype), weights, order, dtype)
