@@ -20,6 +20,10 @@ SLOPES = np.concatenate(
 ).astype(np.float32)
 
 
+# what fwd_and_grads returns, in order
+NAMES = ("o", "state", "dq", "dk", "dv", "ds0")
+
+
 def rel_err(a, b):
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
@@ -117,6 +121,7 @@ def long_case():
 def lt():
     return types.SimpleNamespace(
         SLOPES=SLOPES,
+        NAMES=NAMES,
         rel_err=rel_err,
         make_inputs=make_inputs,
         case=case,

@@ -39,25 +39,6 @@ def test_auto_dispatch():
     assert resolve_impl("reference") == "reference"
 
 
-@pytest.mark.parametrize("impl,dtype", [("xla", jnp.float32), ("xla", jnp.bfloat16)])
-def test_prefill_then_decode_equals_one_call(lt, impl, dtype):
-    b, t, n, h, d = 2, 23, 17, 3, 8
-    q, k, v, _, _, _ = lt.make_inputs(21, b, t, h, d, dtype=dtype)
-    slopes = jnp.asarray(lt.SLOPES[[0, 4, 11]])
-    o_all, s_all = lightning_attention(q, k, v, slopes, block_size=8, impl=impl)
-    o_pre, state = lightning_attention(q[:, :n], k[:, :n], v[:, :n], slopes, block_size=8, impl=impl)
-    outs = [o_pre]
-    step = jax.jit(lightning_decode_step)
-    for i in range(n, t):
-        o_i, state = step(state, q[:, i], k[:, i], v[:, i], slopes)
-        assert o_i.dtype == dtype and state.dtype == jnp.float32
-        outs.append(o_i[:, None])
-    o_cat = jnp.concatenate(outs, axis=1).astype(jnp.float32)
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    assert lt.rel_err(o_cat, o_all.astype(jnp.float32)) < tol
-    assert lt.rel_err(state, s_all) < 1e-5
-
-
 def test_decode_step_matches_reference_one_token(lt):
     q, k, v, s0, _, _ = lt.make_inputs(22, 2, 1, 4, 8)
     slopes = jnp.asarray(lt.SLOPES[:4])

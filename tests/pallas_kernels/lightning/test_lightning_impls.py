@@ -1,28 +1,81 @@
-"""Chunked XLA path against the token-recurrence reference."""
+"""The chunked XLA path and the Pallas kernels (interpret mode off TPU) against the token-recurrence
+reference: one set of cases, parametrised over the implementation."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.lightning import lightning_attention
+from pallas_kernels.lightning import lightning_attention, lightning_decode_step
 
+IMPLS = ("xla", "pallas")
 
-CASES = [  # (time, segment_ids, initial_state); block 16
-    (37, False, False),
+SHARED_CASES = [  # (time, segment_ids, initial_state); block 16
     (37, True, True),
     (48, False, True),
     (48, True, False),
-    (1, False, True),
     (1, True, True),
 ]
+XLA_CASES = [  # cheap on the chunked path, slow in the Pallas interpreter
+    (37, False, False),
+    (1, False, True),
+]
+F32_CASES = [(impl, *c) for impl in IMPLS for c in SHARED_CASES] + [("xla", *c) for c in XLA_CASES]
 
 
-@pytest.mark.parametrize("t,use_seg,use_init", CASES)
-def test_xla_matches_reference_f32(lt, t, use_seg, use_init):
+@pytest.mark.parametrize("impl,t,use_seg,use_init", F32_CASES)
+def test_matches_reference_f32(lt, impl, t, use_seg, use_init):
     args, ref = lt.case(t, use_seg, use_init)
-    got = lt.fwd_and_grads("xla", *args, 16)
-    for name, a, r in zip(("o", "state", "dq", "dk", "dv", "ds0"), got, ref):
+    got = lt.fwd_and_grads(impl, *args, 16)
+    for name, a, r in zip(lt.NAMES, got, ref):
         assert lt.rel_err(a, r) < 1e-5, name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16(lt, impl):
+    args, ref = lt.case(37, True, True, dtype=jnp.bfloat16)
+    got = lt.fwd_and_grads(impl, *args, 16)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32 and got[2].dtype == jnp.bfloat16
+    for name, a, r in zip(lt.NAMES, got, ref):
+        assert lt.rel_err(a.astype(jnp.float32), r.astype(jnp.float32)) < 1e-2, name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_overflow_and_long_sequence(lt, impl):
+    # s * block = 0.917 * 256 = 235 (exp(+235) overflows float32) next to M1's last
+    # lightning layers' s ~ 5e-5, where the state grows over thousands of tokens.
+    args, ref = lt.long_case()
+    got = lt.fwd_and_grads(impl, *args, 256)
+    s0 = args[4]
+    assert float(jnp.max(jnp.abs(got[1][:, 1]))) > 50 * float(jnp.max(jnp.abs(s0)))  # it grew
+    for name, a, r in zip(lt.NAMES, got, ref):
+        assert lt.rel_err(a, r) < 1e-5, name
+
+
+@pytest.mark.parametrize("impl,dtype,use_init", [
+    ("xla", jnp.float32, False),
+    ("xla", jnp.bfloat16, False),
+    ("pallas", jnp.float32, True),
+])
+def test_prefill_then_decode_equals_one_call(lt, impl, dtype, use_init):
+    b, t, n, h, d = 2, 23, 17, 3, 8
+    q, k, v, s0, _, _ = lt.make_inputs(21, b, t, h, d, dtype=dtype)
+    s0 = s0 if use_init else None
+    slopes = jnp.asarray(lt.SLOPES[[0, 4, 11]])
+    o_all, s_all = lightning_attention(q, k, v, slopes, initial_state=s0, block_size=8, impl=impl)
+    o_pre, state = lightning_attention(
+        q[:, :n], k[:, :n], v[:, :n], slopes, initial_state=s0, block_size=8, impl=impl
+    )
+    outs = [o_pre]
+    step = jax.jit(lightning_decode_step)
+    for i in range(n, t):
+        o_i, state = step(state, q[:, i], k[:, i], v[:, i], slopes)
+        assert o_i.dtype == dtype and state.dtype == jnp.float32
+        outs.append(o_i[:, None])
+    o_cat = jnp.concatenate(outs, axis=1).astype(jnp.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert lt.rel_err(o_cat, o_all.astype(jnp.float32)) < tol
+    assert lt.rel_err(state, s_all) < 1e-5
 
 
 def test_xla_no_initial_state_equals_zeros(lt):
@@ -34,15 +87,7 @@ def test_xla_no_initial_state_equals_zeros(lt):
     np.testing.assert_array_equal(a[1], b[1])
 
 
-def test_xla_bf16(lt):
-    args, ref = lt.case(37, True, True, dtype=jnp.bfloat16)
-    got = lt.fwd_and_grads("xla", *args, 16)
-    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
-    for name, a, r in zip(("o", "state", "dq", "dk", "dv", "ds0"), got, ref):
-        assert lt.rel_err(a.astype(jnp.float32), r.astype(jnp.float32)) < 1e-2, name
-
-
-def test_different_value_dim(lt):
+def test_xla_different_value_dim(lt):
     q, k, v, _, _, _ = lt.make_inputs(8, 1, 19, 2, 4, dv=6)
     s0 = jnp.ones((1, 2, 4, 6)) * 0.3
     slopes = jnp.asarray(lt.SLOPES[:2])
@@ -50,17 +95,6 @@ def test_different_value_dim(lt):
     x = lightning_attention(q, k, v, slopes, initial_state=s0, block_size=8, impl="xla")
     assert x[0].shape == (1, 19, 2, 6) and x[1].shape == (1, 2, 4, 6)
     assert lt.rel_err(x[0], r[0]) < 1e-5 and lt.rel_err(x[1], r[1]) < 1e-5
-
-
-def test_overflow_and_long_sequence(lt):
-    # s * block = 0.917 * 256 = 235 (exp(+235) overflows float32) next to M1's last
-    # lightning layers' s ~ 5e-5, where the state grows over thousands of tokens.
-    args, ref = lt.long_case()
-    got = lt.fwd_and_grads("xla", *args, 256)
-    s0 = args[4]
-    assert float(jnp.max(jnp.abs(got[1][:, 1]))) > 50 * float(jnp.max(jnp.abs(s0)))  # it grew
-    for name, a, r in zip(("o", "state", "dq", "dk", "dv", "ds0"), got, ref):
-        assert lt.rel_err(a, r) < 1e-5, name
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
