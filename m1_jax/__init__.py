@@ -5,8 +5,6 @@ checkpoint readers) or starting the ``m1`` command line does not load JAX until 
 """
 
 import importlib
-import sys
-import types
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -15,8 +13,9 @@ _EXPORTS = {
     "CheckpointError": "m1_jax.checkpoint_io.errors",
     "from_pretrained": "m1_jax.loading",
     "M1Model": "m1_jax.model", "abstract_model": "m1_jax.model", "init_model": "m1_jax.model",
-    "Generation": "m1_jax.generate", "decode_step": "m1_jax.generate", "generate": "m1_jax.generate",
-    "prefill": "m1_jax.generate",
+    "Generation": "m1_jax.generation", "decode_step": "m1_jax.generation", "generate": "m1_jax.generation",
+    "prefill": "m1_jax.generation", "stream": "m1_jax.generation",
+    "ModelOutput": "m1_jax.model",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
@@ -33,14 +32,3 @@ def __getattr__(name: str):
 def __dir__():
     return sorted(list(globals()) + __all__)
 
-
-class _Package(types.ModuleType):
-    """Keeps ``m1_jax.generate`` the function: importing the submodule of that name would rebind it."""
-
-    def __setattr__(self, name, value):
-        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            return  # the submodule stays reachable through sys.modules and ``from m1_jax.generate import ...``
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -12,9 +12,10 @@ compile time.
 
 Steps:
 
-* ``train``: next-token cross entropy + ``router_aux_loss_coef`` x MoE load-balancing loss, gradients,
-  an ``optax.adamw`` update (parameters and both moments in ``param_dtype``); state donated; ``remat``
-  rematerialises each layer period in the backward pass.
+* ``train``: the train step that ``m1 train`` runs (:func:`m1_jax.train.jit_train_step`: masked cross entropy
+  + aux loss, gradient accumulation, clipping, AdamW on the run config's schedule, the non-finite guard),
+  over the same train state shardings (:class:`m1_jax.train.TrainState`); ``remat`` rematerialises each
+  layer period in the backward pass.
 * ``forward``: logits for ``[batch, seq_len]`` tokens.
 * ``decode``: one token per row against an inference cache of ``context`` tokens (lightning states +
   softmax KV caches, :mod:`m1_jax.cache`).
@@ -22,6 +23,7 @@ Steps:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -29,14 +31,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
-from m1_jax import sharding
+from m1_jax import sharding, train
+from m1_jax.cache import cache_shapes, cache_shardings, round_max_len
 from m1_jax.config import M1Config
 from m1_jax.flops import step_flops
-from m1_jax.model import abstract_model
+from m1_jax.model import M1Model, abstract_model
+from m1_jax.run_config import RunConfig
+from pallas_kernels.platform import tpu_target
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,13 @@ GiB = 2 ** 30
 # HBM per chip by TPU generation (GiB).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
 MODES = ("train", "forward", "decode", "prefill")
+
+
+def run_for_plan(run: RunConfig | None, remat: str) -> RunConfig:
+    """A copy of ``run`` (default: the defaults) with ``model.remat`` = ``remat``."""
+    run = RunConfig() if run is None else copy.deepcopy(run)
+    run.model.remat = remat
+    return run
 
 
 def chip_generation(topology: str) -> str:
@@ -138,105 +149,74 @@ def _tokens(mesh, batch: int, length: int):
     return jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sh)
 
 
-def _train_step(graphdef, cfg: M1Config, tx, remat: str):
-    kw = {} if remat == "none" else {"remat": remat}  # M1Model.run_layers(remat=): per-period checkpointing
-
-    def loss_fn(params, tokens):
-        model = nnx.merge(graphdef, params)
-        logits, extras = model(tokens[:, :-1], return_aux=True, **kw)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-        return ce + cfg.router_aux_loss_coef * extras["aux_loss"], ce
-
-    def step(params, opt_state, tokens):
-        (loss, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "ce": ce}
-
-    return step
-
-
 def _sds(tree, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
 
 
-def _lower(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, context: int, model_kw: dict,
-           remat: str = "none"):
-    """-> (lowered computation, note for the report)."""
+def lower_step(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, context: int, model_kw: dict,
+               run: RunConfig):
+    """``mode``'s step lowered for ``mesh`` -> (lowered computation, note for the report).
+
+    Each mode lowers the function that runs: ``train`` the train step of ``m1 train`` (:func:`m1_jax.train.jit_train_step`, with ``run``'s optimizer and step
+    options and :class:`M1Model` options ``model_kw``), ``forward`` / ``decode`` / ``prefill`` the model's own
+    forward (:meth:`M1Model.forward`)."""
+    if mode == "train":
+        tx, opts, schedule = train.step_setup(cfg, run)
+        state_graph = nnx.eval_shape(lambda: train.model_and_optimizer(M1Model(cfg, rngs=nnx.Rngs(0), **model_kw),
+                                                                       tx, mesh))
+        graphdef, state = nnx.split(state_graph)
+        state_sh = sharding.state_shardings(state, mesh)
+        step = train.jit_train_step(graphdef, state_sh, mesh, opts, schedule)
+        return step.lower(_sds(state, state_sh), train_batch(mesh, batch, seq_len)), ""
     model = abstract_model(cfg, **model_kw)
     model.mesh = mesh  # the forward then constrains activations and runs the expert-parallel MoE
     graphdef, params = nnx.split(model)
-    param_sh = sharding.state_shardings(params, mesh)
-    params = _sds(params, param_sh)
-    replicated = NamedSharding(mesh, P())
-    if mode == "train":
-        tx = optax.adamw(1e-4, weight_decay=0.1)
-        opt_state = jax.eval_shape(tx.init, params)
-        opt_sh = _optimizer_shardings(opt_state, params, param_sh, replicated)
-        step = _train_step(graphdef, cfg, tx, remat)
-        fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, replicated))
-        return fn.lower(params, _sds(opt_state, opt_sh), _tokens(mesh, batch, seq_len + 1)), ""
+    params = _sds(params, sharding.state_shardings(params, mesh))
     if mode == "forward":
         fn = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
         return fn.lower(params, _tokens(mesh, batch, seq_len)), ""
     new = 1 if mode == "decode" else seq_len
-    return _lower_cached(cfg, mesh, graphdef, params, batch=batch, context=context, new=new, dtype=model_kw["dtype"])
-
-
-def _optimizer_shardings(opt_state, params, param_sh, replicated):
-    """Optimizer state shardings: every subtree shaped like the parameters (AdamW's moments) takes the
-    parameters' shardings; everything else (step counters) is replicated."""
-    p_def = jax.tree.structure(params)
-    is_moment = lambda x: not isinstance(x, jax.ShapeDtypeStruct) and jax.tree.structure(x) == p_def
-    return jax.tree.map(lambda x: param_sh if is_moment(x) else replicated, opt_state, is_leaf=is_moment)
-
-
-def _lower_cached(cfg: M1Config, mesh, graphdef, params, *, batch: int, context: int, new: int, dtype):
-    """One cached step of ``new`` tokens per row against a KV cache of ``context`` tokens: a decode step
-    (``new`` = 1) or one chunk of a chunked prefill (the last chunk, when the cache is fullest)."""
-    try:
-        from m1_jax import cache as cache_lib
-        from m1_jax.generate import _forward as cached_forward
-    except ImportError as e:  # the inference cache is not part of this installation
-        note = f"no inference cache ({e}): compiled a forward over {context} tokens instead of a decode step"
-        fn = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
-        return fn.lower(params, _tokens(mesh, batch, context)), note
-    shapes = cache_lib.cache_shapes(cfg, batch, cache_lib.round_max_len(context), dtype)
-    names = cache_lib.CACHE_LOGICAL_AXES
-    cache_sh = jax.tree.map(lambda n, s: sharding.named_sharding(n, mesh, s.shape, what="cache"), names, shapes,
-                            is_leaf=lambda x: isinstance(x, tuple))
     if new > context:
-        raise ValueError(f"--seq-len {new} (the prefill chunk) exceeds --context {context}")
-    tokens = _tokens(mesh, batch, new)
+        raise ValueError(f"seq_len {new} (the prefill chunk) exceeds context {context}")
+    shapes = cache_shapes(cfg, batch, round_max_len(context), model_kw["dtype"])
 
-    def step(params, cache, tokens):
-        model = nnx.merge(graphdef, params)
-        with sharding.activate(mesh):
-            return cached_forward(model, cache, tokens, jnp.ones((tokens.shape[0],), jnp.int32))
+    def cached_step(params, cache, tokens):
+        out = nnx.merge(graphdef, params).forward(tokens, cache=cache, last_only=True)
+        return out.cache, out.logits[:, 0]
 
-    fn = jax.jit(step, donate_argnums=(1,))
+    fn = jax.jit(cached_step, donate_argnums=(1,))
     note = (f"decode step: 1 new token per row, KV cache of {shapes.max_len} tokens (m1_jax.cache)" if new == 1 else
             f"prefill chunk: {new} new tokens per row on a KV cache of {shapes.max_len} tokens (m1_jax.cache); "
             f"a {context}-token prompt is {-(-context // new)} such chunks, memory bounded by one")
-    return fn.lower(params, _sds(shapes, cache_sh), tokens), note
+    return fn.lower(params, _sds(shapes, cache_shardings(shapes, mesh)), _tokens(mesh, batch, new)), note
+
+
+def train_batch(mesh, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The abstract packed batch the train step takes (:data:`m1_jax.train.BATCH_KEYS`)."""
+    return {k: _tokens(mesh, batch, seq_len) for k in train.BATCH_KEYS}
 
 
 def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int = 1, seq_len: int = 8192,
          context: int = 1 << 20, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-         lightning_impl: str = "auto", remat: str = "none") -> AotReport:
-    """Compiles ``mode`` for ``topology`` and returns the per-device report."""
-    from pallas_kernels.platform import tpu_target
+         lightning_impl: str = "auto", remat: str = "none", run: RunConfig | None = None) -> AotReport:
+    """Compiles ``mode`` for ``topology`` and returns the per-device report.
 
+    ``run`` (train mode): the run config whose optimizer and step options (micro-batches, z-loss) the
+    train step uses, as ``m1 train`` would; default :class:`m1_jax.run_config.RunConfig` defaults.
+    ``remat`` overrides its ``model.remat``."""
     if mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(mesh_spec, devices)
     sharding.check_mesh(cfg, mesh)
     sharding.check_batch(batch, mesh)
-    model_kw = dict(param_dtype=param_dtype, dtype=dtype, lightning_impl=lightning_impl)
+    run = run_for_plan(run, remat)
+    model_kw = {**train.model_options(run), "param_dtype": param_dtype, "dtype": dtype,
+                "lightning_impl": lightning_impl}
     t0 = time.perf_counter()
     with tpu_target():
-        lowered, note = _lower(cfg, mesh, mode, batch=batch, seq_len=seq_len, context=context, model_kw=model_kw,
-                               remat=remat)
+        lowered, note = lower_step(cfg, mesh, mode, batch=batch, seq_len=seq_len, context=context, model_kw=model_kw,
+                                   run=run)
         compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()

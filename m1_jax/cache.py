@@ -17,17 +17,13 @@ tokens come first in each row, the rest is padding that touches nothing (no deca
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from m1_jax import sharding
 from m1_jax.config import FULL, LINEAR, M1Config
-
-# Largest key block of the blockwise attention over the cache; max_len is rounded so blocks divide it.
-MAX_KEY_BLOCK = 512
-
 
 class CacheError(ValueError):
     """A request that does not fit the cache (too long a prompt, wrong batch size)."""
@@ -40,14 +36,10 @@ def period_layout(cfg: M1Config) -> tuple[int, int]:
 
 
 def round_max_len(n: int) -> int:
-    """Cache length for at least ``n`` tokens: a power of two up to 128, then a multiple of 128."""
+    """Cache length for at least ``n`` tokens: a power of two up to 128, then a multiple of 128 (so that
+    the blockwise attention's key blocks, :func:`m1_jax.layers.blockwise.key_block`, are at least 16)."""
     n = max(int(n), 16)
     return 1 << (n - 1).bit_length() if n <= 128 else -(-n // 128) * 128
-
-
-def key_block(max_len: int) -> int:
-    """Key block of the blockwise attention: the largest power of two <= 512 dividing ``max_len``."""
-    return math.gcd(max_len, MAX_KEY_BLOCK)
 
 
 class CacheStep(NamedTuple):
@@ -63,6 +55,12 @@ class CacheStep(NamedTuple):
     def real(self, time: int) -> jax.Array:
         """bool [batch, time]: which tokens of the call are real."""
         return jnp.arange(time, dtype=jnp.int32)[None] < self.n_valid[:, None]
+
+
+# One period's cache as the layer scan walks it: (lightning states, keys, values), and one layer's slice:
+# a lightning state, or a (keys, values) pair.
+CacheLayers = tuple[jax.Array, jax.Array, jax.Array]
+LayerCache = jax.Array | tuple[jax.Array, jax.Array]
 
 
 @jax.tree_util.register_dataclass
@@ -82,7 +80,7 @@ class Cache:
         return self.keys.shape[3]
 
     @property
-    def layers(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def layers(self) -> CacheLayers:
         """What the layer scan walks: (lightning states, keys, values), each with a leading period axis."""
         return self.lightning, self.keys, self.values
 
@@ -126,9 +124,7 @@ def init_cache(cfg: M1Config, batch: int, max_len: int, dtype=jnp.float32, *, ro
 
 def cache_shardings(cache: Cache, mesh) -> Cache:
     """``NamedSharding`` per cache array on ``mesh`` (the model's rules: batch over data/fsdp/expert,
-    lightning heads and KV heads over tensor)."""
-    from m1_jax import sharding
-
+    lightning heads and KV heads over tensor); ``cache`` may hold arrays or ``ShapeDtypeStruct`` leaves."""
     return jax.tree.map(lambda names, a: sharding.named_sharding(names, mesh, a.shape, what="cache"),
                         CACHE_LOGICAL_AXES, cache, is_leaf=lambda x: isinstance(x, tuple))
 
@@ -140,13 +136,3 @@ CACHE_LOGICAL_AXES = Cache(
     values=("layers", None, "batch", "length", "kv_heads", "head_dim"),
     lengths=("batch",),
 )
-
-
-def lightning_state_bytes(cfg: M1Config, batch: int = 1) -> int:
-    """Bytes of all lightning states: independent of the context length."""
-    return 4 * batch * cfg.num_lightning_layers * cfg.num_attention_heads * cfg.head_dim ** 2
-
-
-def kv_cache_bytes(cfg: M1Config, batch: int, max_len: int, dtype=jnp.float32) -> int:
-    return (2 * jnp.dtype(dtype).itemsize * batch * max_len * cfg.num_softmax_layers
-            * cfg.num_key_value_heads * cfg.head_dim)

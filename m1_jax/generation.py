@@ -13,7 +13,6 @@ bucket compiles nothing new.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import Iterator, Sequence
@@ -23,12 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m1_jax import sharding
-from m1_jax.cache import Cache, CacheError, CacheStep, init_cache, round_max_len
+from m1_jax.cache import Cache, CacheError, init_cache, round_max_len
 from m1_jax.sampling import SamplingParams, sample
-
-# Python-side trace counters of the compiled functions (a retrace shows up here; tests read it).
-TRACES: collections.Counter = collections.Counter()
 
 DEFAULT_CHUNK = 2048
 
@@ -37,34 +32,19 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(int(n), 1) - 1).bit_length())
 
 
-def _forward(model, cache: Cache, ids: jax.Array, n_valid: jax.Array) -> tuple[Cache, jax.Array]:
-    """Feeds ``ids`` [B, T] (the first ``n_valid`` of each row real) -> (cache, logits [B, vocab] at
-    each row's last real token; rows with no real token get the logits of token 0, to be ignored)."""
-    B, T = ids.shape
-    step = CacheStep(cache.lengths, n_valid)
-    with sharding.activate(getattr(model, "mesh", None)):
-        x = model.embed(ids)
-        x, _, _, layers = model.run_layers(x, positions=step.positions(T), cache=cache.layers, step=step,
-                                           segment_ids=step.real(T).astype(jnp.int32))
-        last = x[jnp.arange(B), jnp.maximum(n_valid - 1, 0)]
-        logits = model.logits(last[:, None])[:, 0]
-    return Cache(*layers, lengths=cache.lengths + n_valid), logits
+def _feed(model, cache: Cache, ids: jax.Array, n_valid: jax.Array) -> tuple[Cache, jax.Array]:
+    """Feeds ``ids`` [B, T] (the first ``n_valid`` of each row real) -> (cache, logits [B, vocab] at each
+    row's last real token): the model's own cached forward."""
+    out = model.forward(ids, cache=cache, n_valid=n_valid, last_only=True)
+    return out.cache, out.logits[:, 0]
 
 
 # The cache argument is donated: its buffers are reused for the updated cache (no second copy of the KV
 # caches on the device), so a cache passed to prefill / decode_step / generate is consumed.
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _forward_jit(graphdef, params, cache, ids, n_valid):
-    TRACES["forward", ids.shape] += 1
-    return _forward(nnx.merge(graphdef, params), cache, ids, n_valid)
-
-
-def _split(model):
-    return nnx.split(model)
-
-
-def _mesh(model):
-    return getattr(model, "mesh", None)
+def _feed_jit(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, ids: jax.Array,
+              n_valid: jax.Array) -> tuple[Cache, jax.Array]:
+    return _feed(nnx.merge(graphdef, params), cache, ids, n_valid)
 
 
 def _check_ids(model, ids: np.ndarray, lengths: np.ndarray) -> None:
@@ -117,7 +97,7 @@ def prefill(model, prompt_ids, *, lengths=None, cache: Cache | None = None, max_
     _check_ids(model, ids, lens)
     B = ids.shape[0]
     if cache is None:
-        cache = init_cache(model.cfg, B, max_len or int(lens.max()), dtype=model.dtype, mesh=_mesh(model))
+        cache = init_cache(model.cfg, B, max_len or int(lens.max()), dtype=model.dtype, mesh=model.mesh)
     if cache.batch_size != B:
         raise CacheError(f"the cache holds {cache.batch_size} rows but {B} prompts were given")
     have = np.asarray(cache.lengths)
@@ -130,11 +110,11 @@ def prefill(model, prompt_ids, *, lengths=None, cache: Cache | None = None, max_
     T = min(_bucket(int(lens.max()), 8), _bucket(chunk_size, 1))
     n_chunks = -(-int(lens.max()) // T)
     ids = np.pad(ids, ((0, 0), (0, n_chunks * T - ids.shape[1])))
-    graphdef, params = _split(model)
+    graphdef, params = nnx.split(model)
     logits = None
     for c in range(n_chunks):
         n_valid = np.clip(lens - c * T, 0, T).astype(np.int32)
-        cache, lg = _forward_jit(graphdef, params, cache, jnp.asarray(ids[:, c * T:(c + 1) * T], jnp.int32),
+        cache, lg = _feed_jit(graphdef, params, cache, jnp.asarray(ids[:, c * T:(c + 1) * T], jnp.int32),
                                  jnp.asarray(n_valid))
         logits = lg if logits is None else jnp.where(jnp.asarray(n_valid > 0)[:, None], lg, logits)
     return cache, logits
@@ -147,8 +127,8 @@ def decode_step(model, cache: Cache, tokens, valid=None) -> tuple[Cache, jax.Arr
     n_valid = jnp.ones((tokens.shape[0],), jnp.int32) if valid is None else jnp.asarray(valid).astype(jnp.int32)
     if (np.asarray(cache.lengths) + np.asarray(n_valid) > cache.max_len).any():
         raise CacheError(f"the cache of {cache.max_len} tokens is full")
-    graphdef, params = _split(model)
-    return _forward_jit(graphdef, params, cache, tokens, n_valid)
+    graphdef, params = nnx.split(model)
+    return _feed_jit(graphdef, params, cache, tokens, n_valid)
 
 
 @dataclasses.dataclass
@@ -179,7 +159,6 @@ def _stop_hit(tokens, i, stop):
                    donate_argnames=("cache",))
 def _generate_loop(graphdef, params, cache, logits, key, max_new, sp_arrays, pad_id, stop, *, n_buf, greedy,
                    return_logits):
-    TRACES["generate_loop", n_buf] += 1
     model = nnx.merge(graphdef, params)
     B, V = logits.shape
     temperature, top_k, top_p = sp_arrays
@@ -202,7 +181,7 @@ def _generate_loop(graphdef, params, cache, logits, key, max_new, sp_arrays, pad
         feed = ~stopped
 
         def advance(cache):
-            return _forward(model, cache, tok[:, None], feed.astype(jnp.int32))
+            return _feed(model, cache, tok[:, None], feed.astype(jnp.int32))
 
         cache, logits = jax.lax.cond(jnp.any(feed), advance, lambda cache: (cache, logits), cache)
         return i + 1, cache, logits, tokens, logprobs, stopped, count, all_logits
@@ -237,6 +216,28 @@ def _stop_array(seqs) -> np.ndarray:
     return out
 
 
+def _start(model, prompt_ids, lengths, max_new_tokens, temperature, top_k, top_p, eos_token_id, stop,
+           cache: Cache | None, max_len: int | None, chunk_size: int):
+    """What :func:`generate` and :func:`stream` share: checks the arguments, makes (or checks the room of)
+    the cache and prefills the prompts -> (sampling params, stop sequences, cache, last logits)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    sp = SamplingParams.create(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=model.cfg.vocab_size)
+    stop_seqs = _stop_sequences(eos_token_id, stop)
+    ids, lens = as_batch(prompt_ids, lengths)
+    if cache is None:
+        need = int(lens.max()) + max_new_tokens
+        cache = init_cache(model.cfg, ids.shape[0], max(max_len or 0, round_max_len(_bucket(need, 64))),
+                           dtype=model.dtype, mesh=model.mesh)
+    else:
+        room = cache.max_len - (np.asarray(cache.lengths) + lens).max()
+        if room < max_new_tokens - 1:
+            raise CacheError(f"the cache of {cache.max_len} tokens has room for {max(int(room) + 1, 0)} new tokens "
+                             f"after the prompt, {max_new_tokens} were asked")
+    cache, logits = prefill(model, ids, lengths=lens, cache=cache, chunk_size=chunk_size)
+    return sp, stop_seqs, cache, logits
+
+
 def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
              stop: Sequence[Sequence[int] | int] | None = None, lengths=None, pad_token_id: int | None = None,
@@ -253,29 +254,15 @@ def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0
     ``return_cache`` gives the extended one back). With any ``return_*`` flag a :class:`Generation` is
     returned instead of the tokens.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    params_ = SamplingParams.create(temperature=temperature, top_k=top_k, top_p=top_p,
-                                    vocab_size=model.cfg.vocab_size)
-    stop_seqs = _stop_sequences(eos_token_id, stop)
+    sp, stop_seqs, cache, logits = _start(model, prompt_ids, lengths, max_new_tokens, temperature, top_k, top_p,
+                                          eos_token_id, stop, cache, max_len, chunk_size)
     if pad_token_id is None:
         pad_token_id = stop_seqs[0][0] if eos_token_id is not None else 0
-    ids, lens = as_batch(prompt_ids, lengths)
     n_buf = _bucket(max_new_tokens)
-    if cache is None:
-        need = int(lens.max()) + max_new_tokens
-        cache = init_cache(model.cfg, ids.shape[0], max(max_len or 0, round_max_len(_bucket(need, 64))),
-                           dtype=model.dtype, mesh=_mesh(model))
-    else:
-        room = cache.max_len - (np.asarray(cache.lengths) + lens).max()
-        if room < max_new_tokens - 1:
-            raise CacheError(f"the cache of {cache.max_len} tokens has room for {max(int(room) + 1, 0)} new tokens "
-                             f"after the prompt, {max_new_tokens} were asked")
-    cache, logits = prefill(model, ids, lengths=lens, cache=cache, chunk_size=chunk_size)
-    graphdef, params = _split(model)
+    graphdef, params = nnx.split(model)
     tokens, count, logprobs, all_logits, cache = _generate_loop(
-        graphdef, params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens), params_.arrays(),
-        jnp.int32(pad_token_id), jnp.asarray(_stop_array(stop_seqs)), n_buf=n_buf, greedy=params_.greedy,
+        graphdef, params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens), sp.arrays(),
+        jnp.int32(pad_token_id), jnp.asarray(_stop_array(stop_seqs)), n_buf=n_buf, greedy=sp.greedy,
         return_logits=return_logits)
     tokens = tokens[:, :max_new_tokens]
     if not (return_logprobs or return_logits or return_cache):
@@ -290,18 +277,12 @@ def stream(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0, 
     """One prompt, tokens yielded as they come: ``(token, cache)`` per step (a jitted fixed-shape step,
     compiled once). Stops after eos / a stop sequence (yielded) or ``max_new_tokens``. Each yielded
     cache is consumed by the next step: keep the last one."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    sp = SamplingParams.create(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=model.cfg.vocab_size)
-    stop_seqs = _stop_sequences(eos_token_id, stop)
-    ids, lens = as_batch(prompt_ids)
-    if ids.shape[0] != 1:
-        raise ValueError(f"stream takes one prompt, got {ids.shape[0]}")
-    if cache is None:
-        cache = init_cache(model.cfg, 1, max(max_len or 0, int(lens[0]) + max_new_tokens), dtype=model.dtype,
-                           mesh=_mesh(model))
-    cache, logits = prefill(model, ids, lengths=lens, cache=cache, chunk_size=chunk_size)
-    graphdef, params = _split(model)
+    rows = len(as_batch(prompt_ids)[0])
+    if rows != 1:
+        raise ValueError(f"stream takes one prompt, got {rows}")
+    sp, stop_seqs, cache, logits = _start(model, prompt_ids, None, max_new_tokens, temperature, top_k, top_p,
+                                          eos_token_id, stop, cache, max_len, chunk_size)
+    graphdef, params = nnx.split(model)
     key = jax.random.key(seed)
     out: list[int] = []
     for i in range(max_new_tokens):
@@ -311,8 +292,8 @@ def stream(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0, 
         if not done:
             if int(cache.lengths[0]) >= cache.max_len:
                 raise CacheError(f"the cache of {cache.max_len} tokens is full")
-            cache, logits = _forward_jit(graphdef, params, cache, jnp.asarray([[tok]], jnp.int32),
-                                         jnp.ones((1,), jnp.int32))
+            cache, logits = _feed_jit(graphdef, params, cache, jnp.asarray([[tok]], jnp.int32),
+                                      jnp.ones((1,), jnp.int32))
         yield tok, cache
         if done:
             return

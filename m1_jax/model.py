@@ -6,6 +6,7 @@ stacked on a leading ``layers`` axis) -> final RMSNorm -> untied output head in 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from m1_jax import sharding
+from m1_jax.cache import Cache, CacheLayers, CacheStep
 from m1_jax.config import LINEAR, M1Config
 from m1_jax.layers.common import param
 from m1_jax.layers.decoder import Period
@@ -28,6 +30,22 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """What :meth:`M1Model.forward` returns, with or without a cache."""
+
+    logits: jax.Array                # float32 [batch, time (1 with last_only), vocab]
+    aux_loss_per_layer: jax.Array    # float32 [layers]: MoE load-balancing loss of each layer
+    layer_outputs: jax.Array | None  # [layers, batch, time, hidden] with ``collect``, else None
+    cache: Cache | None              # the updated cache when one was passed, else None
+
+    @property
+    def aux_loss(self) -> jax.Array:
+        """The load-balancing loss averaged over layers (what the train loss adds)."""
+        return jnp.mean(self.aux_loss_per_layer)
 
 
 @functools.lru_cache(maxsize=32)
@@ -81,28 +99,24 @@ class M1Model(nnx.Module):
 
     def run_layers(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                    moe_impl: str | None = None, scan: bool | None = None, collect: bool = False,
-                   cache=None, step=None, remat: str = "none"):
-        """All decoder layers -> (x, per-layer outputs [layers, ...] or None, aux loss per layer [layers]).
+                   cache: CacheLayers | None = None, step: CacheStep | None = None, remat: str = "none"):
+        """All decoder layers -> ``(x, per-layer outputs [layers, ...] or None, aux loss per layer [layers],
+        updated cache layers or None)``.
 
         ``remat`` rematerialises each layer period in the backward pass (:data:`REMAT_POLICIES`):
         ``"none"`` keeps all activations, ``"full"`` only the period's input, ``"dots"`` /
         ``"dots_no_batch"`` also the matmul outputs (``jax.checkpoint_policies``).
 
         With ``cache`` (:attr:`m1_jax.cache.Cache.layers`, stacked per period like the parameters) and
-        ``step`` (:class:`m1_jax.cache.CacheStep`) the scan walks the cache with the weights and a fourth
-        element, the updated cache layers, is returned."""
+        ``step`` (:class:`m1_jax.cache.CacheStep`) the scan walks the cache with the weights."""
         cfg = self.cfg
         slopes = jnp.asarray(period_slopes(cfg))
         graphdef, state = nnx.split(self.periods)
 
         def body(x, xs):
             st, sl, c = xs
-            period = nnx.merge(graphdef, st)
-            kw = dict(positions=positions, slopes=sl, segment_ids=segment_ids, moe_impl=moe_impl, collect=collect)
-            if c is None:
-                x, outs, aux = period(x, **kw)
-            else:
-                x, outs, aux, c = period(x, **kw, cache=c, step=step)
+            x, outs, aux, c = nnx.merge(graphdef, st)(x, positions=positions, slopes=sl, segment_ids=segment_ids,
+                                                      moe_impl=moe_impl, collect=collect, cache=c, step=step)
             return x, (outs, aux, c)
 
         if remat not in REMAT_POLICIES:
@@ -118,40 +132,63 @@ class M1Model(nnx.Module):
                 ys.append(y)
             outs, aux, cache = jax.tree.map(lambda *a: jnp.stack(a), *ys)
         flat = lambda a: a.reshape((cfg.num_hidden_layers,) + a.shape[2:])
-        result = x, (flat(outs) if collect else None), flat(aux)
-        return result if cache is None else result + (cache,)
+        return x, (flat(outs) if collect else None), flat(aux), cache
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, return_aux: bool = False,
-                 moe_impl: str | None = None, scan: bool | None = None, collect: bool = False,
-                 remat: str = "none"):
-        """``input_ids`` int [batch, time] -> float32 logits [batch, time, vocab].
+    def forward(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                segment_ids: jax.Array | None = None, cache: Cache | None = None, n_valid: jax.Array | None = None,
+                last_only: bool = False, moe_impl: str | None = None, scan: bool | None = None,
+                collect: bool = False, remat: str = "none") -> ModelOutput:
+        """The one forward pass: ``input_ids`` int [batch, time] -> :class:`ModelOutput`.
 
-        ``positions`` (default ``arange(time)``) feed the rotary embedding; ``segment_ids`` mark packed
-        documents (0 = padding): lightning states reset and softmax attention stays within a document.
-        With ``return_aux`` returns ``(logits, {"aux_loss": mean over layers, "aux_loss_per_layer",
-        "layer_outputs" (with ``collect``)})``. ``remat``: see :meth:`run_layers`.
+        Without ``cache``: ``positions`` (default ``arange(time)``) feed the rotary embedding;
+        ``segment_ids`` mark packed documents (0 = padding): lightning states reset and softmax attention
+        stays within a document.
+
+        With ``cache`` (:class:`m1_jax.cache.Cache`) the tokens continue each row of the cache: the first
+        ``n_valid[b]`` tokens of row ``b`` are real (default: all), the rest is padding that touches
+        nothing; positions follow the cache lengths, and ``ModelOutput.cache`` is the updated cache.
+
+        ``last_only`` computes the logits only at each row's last real token (``[batch, 1, vocab]``;
+        a row without a real token gets the logits of token 0, to be ignored). ``remat``: see
+        :meth:`run_layers`; ``collect`` keeps every layer's output in ``ModelOutput.layer_outputs``.
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be an integer array [batch, time], got {input_ids.dtype}"
                              f"{list(input_ids.shape)}")
+        B, T = input_ids.shape
+        step = None
+        if cache is not None:
+            if positions is not None or segment_ids is not None:
+                raise ValueError("with a cache, positions and segment_ids come from the cache: pass n_valid")
+            n_valid = jnp.full((B,), T, jnp.int32) if n_valid is None else jnp.asarray(n_valid, jnp.int32)
+            step = CacheStep(cache.lengths, n_valid)
+            positions, segment_ids = step.positions(T), step.real(T).astype(jnp.int32)
+        elif n_valid is not None:
+            raise ValueError("n_valid counts the real tokens fed into a cache: pass a cache too")
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), input_ids.shape)
         if self.mesh is not None:
-            sharding.check_batch(input_ids.shape[0], self.mesh)
+            sharding.check_batch(B, self.mesh)
         with sharding.activate(self.mesh):
             x = self.embed(input_ids)
-            x, outs, aux = self.run_layers(x, positions=positions, segment_ids=segment_ids, moe_impl=moe_impl,
-                                           scan=scan, collect=collect, remat=remat)
+            x, outs, aux, layers = self.run_layers(
+                x, positions=positions, segment_ids=segment_ids, moe_impl=moe_impl, scan=scan, collect=collect,
+                cache=None if cache is None else cache.layers, step=step, remat=remat)
+            if last_only:
+                last = jnp.full((B,), T - 1, jnp.int32) if n_valid is None else jnp.maximum(n_valid - 1, 0)
+                x = x[jnp.arange(B), last][:, None]
             logits = self.logits(x)
-        if not return_aux:
-            return logits
-        extras = {"aux_loss": jnp.mean(aux), "aux_loss_per_layer": aux}
-        if collect:
-            extras["layer_outputs"] = outs
-        return logits, extras
+        if cache is not None:
+            cache = cache.replace(lightning=layers[0], keys=layers[1], values=layers[2],
+                                  lengths=cache.lengths + n_valid)
+        return ModelOutput(logits=logits, aux_loss_per_layer=aux, layer_outputs=outs, cache=cache)
+
+    def __call__(self, input_ids: jax.Array, **kw) -> jax.Array:
+        """``input_ids`` int [batch, time] -> float32 logits [batch, time, vocab]: ``forward(...).logits``
+        (keyword arguments as :meth:`forward`)."""
+        return self.forward(input_ids, **kw).logits
 
 
 def init_model(cfg: M1Config, *, seed: int = 0, **kw) -> M1Model:

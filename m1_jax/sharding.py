@@ -20,14 +20,13 @@ extra memory and compute are small, and every query-head shard still finds its K
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import re
 from typing import Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from m1_jax.config import M1Config
 
@@ -88,17 +87,20 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence | None = None) ->
     text = spec if isinstance(spec, str) else format_mesh_spec(sizes)
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
+    cpu = all(d.platform == "cpu" for d in devices)
+    emulate = lambda k: (f"; on a CPU host emulate {k} devices: XLA_FLAGS=--xla_force_host_platform_device_count={k} "
+                         f"in the environment before JAX starts" if cpu and k > n else "")
     known = math.prod(v for v in sizes.values() if v != -1)
     for a, v in sizes.items():
         if v == -1:
             if n % known:
                 raise MeshError(f"--mesh {text!r}: the other axes use {known} devices, which does not divide "
-                                f"the {n} devices available")
+                                f"the {n} devices available{emulate(known)}")
             sizes[a] = n // known
     total = math.prod(sizes.values())
     if total != n:
         raise MeshError(f"--mesh {text!r} needs {total} devices but {n} are available "
-                        f"(use -1 for one axis to take the rest)")
+                        f"(use -1 for one axis to take the rest){emulate(total)}")
     shape = tuple(sizes[a] for a in MESH_AXES)
     types = (AxisType.Auto,) * len(MESH_AXES)
     try:
@@ -115,7 +117,7 @@ def as_mesh(mesh: Mesh | str | None) -> Mesh | None:
 
 
 def format_mesh_spec(mesh_or_sizes) -> str:
-    sizes = dict(mesh_or_sizes.shape) if isinstance(mesh_or_sizes, Mesh) else dict(mesh_or_sizes)
+    sizes = dict(mesh_or_sizes.shape) if isinstance(mesh_or_sizes, (Mesh, AbstractMesh)) else dict(mesh_or_sizes)
     return ",".join(f"{a}={sizes.get(a, 1)}" for a in MESH_AXES)
 
 
@@ -198,26 +200,23 @@ def state_shardings(state, mesh: Mesh):
 
 
 # ---------------------------------------------------------------------------------------- activations
-_ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("m1_mesh", default=None)
+def activate(mesh: Mesh | AbstractMesh | None):
+    """Context in which :func:`constrain` and the MoE / lightning / splash ``shard_map``s use ``mesh``:
+    JAX's own ``jax.sharding.use_abstract_mesh`` (usable inside and outside ``jax.jit``); a no-op for None."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh)
 
 
-@contextlib.contextmanager
-def activate(mesh: Mesh | None):
-    """Within this context :func:`constrain` and the MoE / lightning shard_maps use ``mesh``."""
-    token = _ACTIVE.set(mesh)
-    try:
-        yield mesh
-    finally:
-        _ACTIVE.reset(token)
-
-
-def active_mesh() -> Mesh | None:
-    return _ACTIVE.get()
+def active_mesh() -> AbstractMesh | None:
+    """The mesh of the enclosing :func:`activate` / ``jax.set_mesh`` context, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; a no-op without an active mesh."""
-    mesh = _ACTIVE.get()
+    mesh = active_mesh()
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, named_sharding(names, mesh, x.shape, what="activation"))
@@ -225,7 +224,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 def spec(names: Sequence[str | None], shape=None) -> P:
     """The ``PartitionSpec`` of logical ``names`` under the active mesh (for shard_map specs)."""
-    return logical_to_spec(names, _ACTIVE.get(), shape)
+    return logical_to_spec(names, active_mesh(), shape)
 
 
 # ---------------------------------------------------------------------------------------- placement

@@ -26,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from m1_jax import sharding
 from m1_jax.config import M1Config
-from m1_jax.model import M1Model
+from m1_jax.flops import step_flops
+from m1_jax.model import M1Model, init_model
 from m1_jax.run_config import OptimizerSection
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -45,20 +46,15 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
     return lse - picked, lse
 
 
-def forward(model: M1Model, batch: dict, *, remat: str = "none"):
-    """-> (logits, extras) for a packed batch (``segment_ids``/``positions`` when present)."""
-    return model(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                 return_aux=True, remat=remat)
-
-
 def loss_sums(model: M1Model, batch: dict, *, remat: str = "none") -> dict[str, jax.Array]:
     """Sums over the masked tokens of one (micro-)batch: ``ce``, ``z`` (logsumexp^2), ``tokens``; and
     the batch's mean-over-layers ``aux`` loss."""
-    logits, extras = forward(model, batch, remat=remat)
-    ce, lse = token_losses(logits, batch["targets"])
+    out = model.forward(batch["inputs"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                        remat=remat)
+    ce, lse = token_losses(out.logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return {"ce": jnp.sum(ce * mask), "z": jnp.sum(jnp.square(lse) * mask), "tokens": jnp.sum(mask),
-            "aux": extras["aux_loss"].astype(jnp.float32)}
+            "aux": out.aux_loss.astype(jnp.float32)}
 
 
 # ----------------------------------------------------------------------------------- optimizer
@@ -96,8 +92,6 @@ def _make_optimizer(fields: tuple, steps: int) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------------- flops
 def flops_per_token(cfg: M1Config, seq_len: int) -> float:
     """Model training FLOPs per token of a ``seq_len`` row (forward + backward; :mod:`m1_jax.flops`)."""
-    from m1_jax.flops import step_flops
-
     return step_flops(cfg, "train", batch=1, seq_len=seq_len, context=0) / seq_len
 
 
@@ -179,40 +173,52 @@ def train_step_fn(graphdef, opts: StepOptions, schedule: optax.Schedule):
     return step
 
 
-_STEP_CACHE: dict = {}
 # XLA options for a fast compile (``train.fast_compile``): no backend optimisation passes.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def model_and_optimizer(model: M1Model, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[M1Model, nnx.Optimizer]:
+    """A copy of ``model`` placed on ``mesh`` (the caller's model is left as it is) and its optimizer: what
+    the train state holds. Works on an abstract model under ``nnx.eval_shape`` too (for AOT planning)."""
+    sharding.check_mesh(model.cfg, mesh)
+    model = nnx.merge(*nnx.split(model))
+    model.mesh = mesh if mesh.size > 1 else None
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token arrays [batch, length]: rows split over the mesh's batch axes."""
+    return NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), mesh))
+
+
+def jit_train_step(graphdef: nnx.GraphDef, state_shardings, mesh: Mesh, opts: StepOptions,
+                   schedule: optax.Schedule, compiler_options: dict | None = None):
+    """The one compiled train step ``(state, batch) -> (state, metrics)``: ``m1 train`` runs it and
+    ``m1 aot --mode train`` lowers it. The state is donated and keeps ``state_shardings``."""
+    return jax.jit(train_step_fn(graphdef, opts, schedule), in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,),
+                   compiler_options=compiler_options or None)
 
 
 class TrainState:
     """The model + optimizer placed on a mesh, and the compiled train step.
 
-    ``model`` is an :class:`M1Model` (random or pretrained, float32 master weights); ``mesh`` a
-    :class:`jax.sharding.Mesh` from :func:`m1_jax.sharding.make_mesh` (a single device is a mesh too).
+    ``model`` is an :class:`M1Model` (random or pretrained, float32 master weights; it is copied, not
+    changed); ``mesh`` a :class:`jax.sharding.Mesh` from :func:`m1_jax.sharding.make_mesh` (a single
+    device is a mesh too).
     """
 
-    def __init__(self, model: M1Model, tx: optax.GradientTransformation, mesh, opts: StepOptions,
+    def __init__(self, model: M1Model, tx: optax.GradientTransformation, mesh: Mesh, opts: StepOptions,
                  schedule: optax.Schedule, compiler_options: dict | None = None):
-        sharding.check_mesh(model.cfg, mesh)
         self.mesh = mesh
         self.cfg = model.cfg
-        model.mesh = mesh if mesh.size > 1 else None
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        self.graphdef, state = nnx.split((model, optimizer))
+        self.graphdef, state = nnx.split(model_and_optimizer(model, tx, mesh))
         self.state_shardings = sharding.state_shardings(state, mesh)
         self.state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, self.state_shardings)
         self.opts = opts
         self.schedule = schedule
-        self.batch_spec = sharding.logical_to_spec(("batch", "length"), mesh)
-        self.batch_sharding = NamedSharding(mesh, self.batch_spec)
-        key = (self.graphdef, opts, mesh, tuple(sorted((compiler_options or {}).items())))
-        if key not in _STEP_CACHE:  # one compiled step per (model, optimizer, options, mesh)
-            replicated = NamedSharding(mesh, P())
-            _STEP_CACHE[key] = jax.jit(train_step_fn(self.graphdef, opts, schedule),
-                                       in_shardings=(self.state_shardings, self.batch_sharding),
-                                       out_shardings=(self.state_shardings, replicated), donate_argnums=(0,),
-                                       compiler_options=compiler_options or None)
-        self._step = _STEP_CACHE[key]
+        self.batch_sharding = batch_sharding(mesh)
+        self._step = jit_train_step(self.graphdef, self.state_shardings, mesh, opts, schedule, compiler_options)
 
     @property
     def step(self) -> int:
@@ -240,25 +246,34 @@ class TrainState:
         return nnx.state(self.model(), nnx.Param)
 
 
-def build_train_state(cfg: M1Config, run, mesh, *, model: M1Model | None = None,
+def step_setup(cfg: M1Config, run) -> tuple[optax.GradientTransformation, StepOptions, optax.Schedule]:
+    """(optimizer, step options, learning-rate schedule) of run config ``run``
+    (:class:`m1_jax.run_config.RunConfig`): what :func:`build_train_state` and ``m1 aot`` use."""
+    tx = make_optimizer(run.optimizer, run.train.steps)
+    opts = StepOptions(micro_batches=run.data.micro_batches, remat=run.model.remat, z_loss=run.optimizer.z_loss,
+                       aux_coef=cfg.router_aux_loss_coef)
+    return tx, opts, learning_rate_schedule(run.optimizer, run.train.steps)
+
+
+def model_options(run) -> dict:
+    """:class:`M1Model` keyword arguments of run config ``run``'s model section."""
+    m = run.model
+    return dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), moe_impl=m.moe_impl,
+                lightning_impl=m.lightning_impl, scan_layers=m.scan_layers)
+
+
+def build_train_state(cfg: M1Config, run, mesh: Mesh, *, model: M1Model | None = None,
                       compiler_options: dict | None = None) -> TrainState:
     """A :class:`TrainState` for run config ``run`` (:class:`m1_jax.run_config.RunConfig`).
 
     ``compiler_options`` go to XLA (e.g. ``{"xla_backend_optimization_level": 0}``: a several times
     faster compile, for tiny models where compile time dominates)."""
-    from m1_jax.model import init_model
-
-    m = run.model
     if compiler_options is None and run.train.fast_compile:
         compiler_options = FAST_COMPILE
     if model is None:
-        model = init_model(cfg, seed=m.seed, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                           moe_impl=m.moe_impl, lightning_impl=m.lightning_impl, scan_layers=m.scan_layers)
-    tx = make_optimizer(run.optimizer, run.train.steps)
-    opts = StepOptions(micro_batches=run.data.micro_batches, remat=m.remat, z_loss=run.optimizer.z_loss,
-                       aux_coef=cfg.router_aux_loss_coef)
-    return TrainState(model, tx, mesh, opts, learning_rate_schedule(run.optimizer, run.train.steps),
-                      compiler_options)
+        model = init_model(cfg, seed=run.model.seed, **model_options(run))
+    tx, opts, schedule = step_setup(cfg, run)
+    return TrainState(model, tx, mesh, opts, schedule, compiler_options)
 
 
 def mfu(tokens_per_s: float, cfg: M1Config, seq_len: int, n_devices: int, peak: float | None) -> float | None:

@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m1_jax.cache import key_block
 from m1_jax.config import M1Config
-from m1_jax.layers.blockwise import blockwise_attention
+from m1_jax.layers.blockwise import blockwise_attention, key_block
 from m1_jax.layers.common import matmul, param
 from m1_jax.layers.rope import apply_rope
 from m1_jax.layers.splash import log_fallback, splash_attention, unsupported_reason

@@ -13,6 +13,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+# Largest key block of the blockwise attention over the cache.
+MAX_KEY_BLOCK = 512
+
+
+def key_block(max_len: int) -> int:
+    """Key block of the blockwise attention: the largest power of two <= 512 dividing ``max_len``."""
+    return math.gcd(max_len, MAX_KEY_BLOCK)
+
 
 def blockwise_attention(q: jax.Array, keys: jax.Array, values: jax.Array, q_pos: jax.Array,
                         kv_len: jax.Array, *, block: int) -> jax.Array:

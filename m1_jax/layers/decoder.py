@@ -1,6 +1,6 @@
 """The DeepNorm post-norm decoder layer and the repeating period of layers that the model scans.
 
-Per layer (M1_SPEC §2.2), with the *normalised* input as the residual:
+Per layer (docs/model.md §2.3), with the *normalised* input as the residual:
 ``h = RMSNorm(x); a = alpha_attn h + beta_attn Attn(h); g = RMSNorm(a); out = alpha_mlp g + beta_mlp MoE(g)``.
 """
 
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m1_jax import sharding
+from m1_jax.cache import CacheLayers, CacheStep, LayerCache
 from m1_jax.config import FULL, LINEAR, M1Config
 from m1_jax.layers.attention import SoftmaxAttention
 from m1_jax.layers.lightning import LightningAttention
@@ -40,12 +41,13 @@ class DecoderLayer(nnx.Module):
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, slopes: jax.Array,
-                 segment_ids: jax.Array | None = None, moe_impl: str | None = None, cache=None, step=None):
-        """-> (output, aux loss). ``slopes`` is only read by lightning layers.
+                 segment_ids: jax.Array | None = None, moe_impl: str | None = None,
+                 cache: LayerCache | None = None, step: CacheStep | None = None):
+        """-> (output, aux loss, updated cache or None). ``slopes`` is only read by lightning layers.
 
         With ``cache`` (this layer's slice: the lightning state, or a (keys, values) pair) and ``step``
-        (:class:`m1_jax.cache.CacheStep`) runs against the inference cache and returns
-        ``(output, aux loss, updated cache)``; ``segment_ids`` then marks the real tokens (1) and padding (0)."""
+        (:class:`m1_jax.cache.CacheStep`) the layer runs against the inference cache; ``segment_ids`` then
+        marks the real tokens (1) and padding (0)."""
         x = sharding.constrain(x, sharding.HIDDEN)
         h = self.input_layernorm(x.astype(self.dtype))
         if cache is not None:
@@ -59,9 +61,10 @@ class DecoderLayer(nnx.Module):
         real = None if segment_ids is None else segment_ids != 0  # padding does not count in the aux loss
         moe, _, aux = self.block_sparse_moe(g, impl=moe_impl, token_mask=real)
         out = sharding.constrain(self.mlp_alpha * g + self.mlp_beta * moe, sharding.HIDDEN)
-        return (out, aux) if cache is None else (out, aux, cache)
+        return out, aux, cache
 
-    def _cached_attention(self, h, slopes, segment_ids, cache, step):
+    def _cached_attention(self, h: jax.Array, slopes: jax.Array, segment_ids: jax.Array, cache: LayerCache,
+                          step: CacheStep) -> tuple[jax.Array, LayerCache]:
         if self.layer_type == LINEAR:
             if h.shape[1] == 1:  # decode: the one-token recurrence; rows without a real token keep their state
                 attn, new = self.self_attn.decode(h, slopes, cache)
@@ -83,31 +86,32 @@ class Period(nnx.Module):
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, slopes: jax.Array,
                  segment_ids: jax.Array | None = None, moe_impl: str | None = None, collect: bool = False,
-                 cache=None, step=None):
-        """``slopes`` [period, heads] (rows of softmax layers unused) -> (x, per-layer outputs, aux).
+                 cache: CacheLayers | None = None, step: CacheStep | None = None):
+        """``slopes`` [period, heads] (rows of softmax layers unused) -> (x, per-layer outputs, aux,
+        updated cache or None).
 
-        Per-layer outputs are stacked only with ``collect`` (debugging; otherwise ``None``).
-        With ``cache`` = (lightning states [n_lightning, ...], keys [n_softmax, ...], values) of this period
-        (see :mod:`m1_jax.cache`) also returns the updated cache as a fourth element."""
+        Per-layer outputs are stacked only with ``collect`` (debugging; otherwise ``None``). ``cache`` is
+        this period's (lightning states [n_lightning, ...], keys [n_softmax, ...], values) (see
+        :mod:`m1_jax.cache`): lightning layers take the lightning states in layer order, softmax layers
+        the (keys, values) pairs in layer order."""
         outs, aux = [], []
-        if cache is not None:
-            states, keys, values = (list(c) for c in cache)
-            n_lin = n_soft = 0
+        slices = None if cache is None else [list(c) for c in cache]
+        used = {LINEAR: 0, FULL: 0}
         for j, layer in enumerate(self.layers):
-            kw = dict(positions=positions, slopes=slopes[j], segment_ids=segment_ids, moe_impl=moe_impl)
-            if cache is None:
-                x, a = layer(x, **kw)
-            elif layer.layer_type == LINEAR:
-                x, a, states[n_lin] = layer(x, **kw, cache=states[n_lin], step=step)
-                n_lin += 1
-            else:
-                x, a, (keys[n_soft], values[n_soft]) = layer(x, **kw, cache=(keys[n_soft], values[n_soft]),
-                                                              step=step)
-                n_soft += 1
+            c = None
+            if slices is not None:
+                n = used[layer.layer_type]
+                c = slices[0][n] if layer.layer_type == LINEAR else (slices[1][n], slices[2][n])
+            x, a, c = layer(x, positions=positions, slopes=slopes[j], segment_ids=segment_ids, moe_impl=moe_impl,
+                            cache=c, step=step)
+            if slices is not None:
+                if layer.layer_type == LINEAR:
+                    slices[0][n] = c
+                else:
+                    slices[1][n], slices[2][n] = c
+                used[layer.layer_type] += 1
             outs.append(x)
             aux.append(a)
-        result = (x, (jnp.stack(outs) if collect else None), jnp.stack(aux))
-        if cache is None:
-            return result
-        stack = lambda xs, like: jnp.stack(xs) if xs else like
-        return result + ((stack(states, cache[0]), stack(keys, cache[1]), stack(values, cache[2])),)
+        if slices is not None:
+            cache = tuple(jnp.stack(new) if new else old for new, old in zip(slices, cache))
+        return x, (jnp.stack(outs) if collect else None), jnp.stack(aux), cache

@@ -66,5 +66,26 @@ def test_m1_aot_prefill_chunk_on_v5e(tmp_path, monkeypatch):
     cfg = resolve_config("tiny")
     assert report["model_flops"] == step_flops(cfg, "prefill", batch=2, seq_len=128, context=1024)
     assert 0 < report["model_flops"] < step_flops(cfg, "forward", batch=2, seq_len=1024, context=1024)
-    with pytest.raises(ValueError, match="exceeds --context"):
+    with pytest.raises(ValueError, match="seq_len 2048 .* exceeds context 1024"):
         aot.plan(cfg, "v5e:2x2", "tensor=-1", "prefill", batch=1, seq_len=2048, context=1024)
+
+
+def test_aot_train_lowers_the_train_step_that_m1_train_runs():
+    """``m1 aot --mode train`` plans the program ``m1 train`` runs: the same lowered HLO, tiny config, 8-device mesh."""
+    import jax
+
+    from m1_jax import sharding, train
+    from m1_jax.run_config import load_run_config
+
+    cfg = resolve_config("tiny")
+    run = load_run_config(None, ["data.micro_batches=2", "optimizer.z_loss=1e-4", "model.remat=full"])
+    mesh = sharding.make_mesh("data=2,fsdp=2,expert=2", jax.devices())
+    ts = train.build_train_state(cfg, run, mesh)
+    batch = aot.train_batch(mesh, 16, 32)
+    ran = ts._step.lower(ts.abstract_state(), batch).as_text()
+    planned, _ = aot.lower_step(cfg, mesh, "train", batch=16, seq_len=32, context=0, model_kw=train.model_options(run),
+                                run=run)
+    assert planned.as_text() == ran
+    other = load_run_config(None, ["data.micro_batches=1", "optimizer.z_loss=1e-4", "model.remat=full"])
+    assert aot.lower_step(cfg, mesh, "train", batch=16, seq_len=32, context=0, model_kw=train.model_options(other),
+                          run=other)[0].as_text() != ran  # the comparison sees a different step

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 import m1_jax
-from m1_jax.cache import cache_shapes, key_block, kv_cache_bytes, lightning_state_bytes, round_max_len
-from m1_jax.config import FULL, LINEAR, M1Config
-from m1_jax.generate import decode_step, prefill
-from m1_jax.layers.blockwise import blockwise_attention
+from m1_jax.cache import cache_shapes, round_max_len
+from m1_jax.config import FULL, LINEAR, M1Config, kv_cache_bytes, lightning_state_bytes
+from m1_jax.generation import decode_step, prefill
+from m1_jax.layers.blockwise import blockwise_attention, key_block
+from tiny_models import tiny_config
 
 ATOL = 1e-4
 
@@ -68,15 +69,9 @@ def test_layout_matches_the_parameter_stack():
         assert S >= n and S % key_block(S) == 0 and key_block(S) >= 16
 
 
-def tiny(layer_types):
-    return M1Config(vocab_size=64, hidden_size=16, num_hidden_layers=len(layer_types), num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=8, intermediate_size=16, num_local_experts=2,
-                    layer_types=tuple(layer_types), rotary_dim=4, block_size=4)
-
-
 @pytest.mark.parametrize("types", [(LINEAR, LINEAR), (FULL, FULL)], ids=["lightning-only", "softmax-only"])
 def test_cached_decode_equals_full_forward(types):
-    cfg = tiny(types)
+    cfg = tiny_config(layer_types=types, block_size=4)
     model = m1_jax.init_model(cfg, seed=1)
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 13)).astype(np.int32)
     full = np.asarray(model(jnp.asarray(ids)))

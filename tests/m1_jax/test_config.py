@@ -24,7 +24,7 @@ def orig(golden_dir):
 
 
 def native_from_orig(d):
-    """The same architecture as transformers' native MiniMaxConfig would write it (M1_SPEC §1 mapping)."""
+    """The same architecture as transformers' native MiniMaxConfig would write it (docs/model.md §1.3)."""
     skip = {"attn_type_list", "rotary_dim", "rope_theta", "postnorm", "shared_intermediate_size",
             "shared_moe_mode", "auto_map", *ORIG_TO_NATIVE}
     n = {k: v for k, v in d.items() if k not in skip}
@@ -151,12 +151,12 @@ def test_direct_construction_is_validated():
 
 
 def test_package_exports_load_on_first_use():
-    """Light submodules import without JAX; public names resolve lazily, ``m1_jax.generate`` stays the function."""
+    """Light submodules import without JAX; public names resolve lazily, ``m1_jax.generate`` is the function."""
     import subprocess
     import sys
 
     code = ("import sys, m1_jax.config, m1_jax.checkpoint_io.safetensors_io; assert 'jax' not in sys.modules; "
-            "import m1_jax.generate; from m1_jax.generate import Generation; import m1_jax; "
+            "import m1_jax.generation; from m1_jax.generation import Generation; import m1_jax; "
             "assert callable(m1_jax.generate) and m1_jax.generate.__name__ == 'generate'; "
             "from m1_jax import generate, from_pretrained, M1Config; assert generate is m1_jax.generate; "
             "assert sorted(m1_jax.__all__) == m1_jax.__all__ and all(hasattr(m1_jax, n) for n in m1_jax.__all__)")

@@ -1,4 +1,7 @@
-"""Prefill + decode + sampling against the original code's cached generation (../shared/golden/caseA)."""
+"""Prefill + decode + sampling against the original code's cached generation (tests/data/golden/caseA)."""
+
+import collections
+import contextlib
 
 import jax
 import numpy as np
@@ -6,9 +9,27 @@ import pytest
 
 import m1_jax
 from m1_jax.cache import CacheError
-from m1_jax.generate import TRACES, decode_step, prefill, stream
+from m1_jax.generation import decode_step, prefill, stream
 
 ATOL = 1e-4  # fp32 logits
+
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # recorded by JAX each time a jitted function traces
+
+
+@contextlib.contextmanager
+def count_traces():
+    """Counts the traces of jitted functions inside the block by function name (JAX's monitoring events)."""
+    counter = collections.Counter()
+
+    def listener(event, duration, fun_name="", **kw):
+        if event == TRACE_EVENT:
+            counter[fun_name] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +114,25 @@ def test_no_retrace_per_token(model, golden):
     prompts = golden["in"]["prompt_ids"]
     tokens = m1_jax.generate(model, prompts, max_new_tokens=3, chunk_size=8)  # plain call: just the tokens
     np.testing.assert_array_equal(np.asarray(tokens), golden["out"]["greedy_tokens"][:, :3])
-    before = dict(TRACES)
-    for n in (2, 5, 7, 11):
-        m1_jax.generate(model, prompts, max_new_tokens=n, temperature=0.0, chunk_size=8)
-    m1_jax.generate(model, prompts, max_new_tokens=4, eos_token_id=[3, 4], stop=[[5, 6]], chunk_size=8)
-    assert dict(TRACES) == before, "generating a different number of tokens (or other stop ids) retraced"
+    def compiled(counter):  # traces of the generation's own compiled functions
+        return {k: v for k, v in counter.items() if k in ("_feed_jit", "_generate_loop", "_sample_jit")}
+
+    with count_traces() as traces:  # the counter sees a trace
+        jax.jit(lambda x: x + 1)(np.float32(1))
+    assert traces["<lambda>"] == 1
+    with count_traces() as traces:
+        for n in (2, 5, 7, 11):
+            m1_jax.generate(model, prompts, max_new_tokens=n, temperature=0.0, chunk_size=8)
+        m1_jax.generate(model, prompts, max_new_tokens=4, eos_token_id=[3, 4], stop=[[5, 6]], chunk_size=8)
+    assert compiled(traces) == {}, "generating a different number of tokens (or other stop ids) retraced"
     # sampling knobs are traced values: changing them compiles once for sampling, then never again
     m1_jax.generate(model, prompts, max_new_tokens=4, temperature=0.7, top_k=5, seed=1, chunk_size=8)
-    after_sampling = dict(TRACES)
-    m1_jax.generate(model, prompts, max_new_tokens=6, temperature=1.3, top_p=0.5, seed=2, chunk_size=8)
-    assert dict(TRACES) == after_sampling
+    with count_traces() as traces:
+        m1_jax.generate(model, prompts, max_new_tokens=6, temperature=1.3, top_p=0.5, seed=2, chunk_size=8)
+    assert compiled(traces) == {}
+    with count_traces() as traces:  # and it would see a retrace of the decode loop
+        m1_jax.generate(model, prompts, max_new_tokens=40, chunk_size=8)  # a larger token buffer
+    assert compiled(traces) == {"_generate_loop": 1}
 
 
 def test_rows_stop_independently_at_eos(model, golden):

@@ -1,4 +1,4 @@
-"""The model against the original MiniMax-M1 code's outputs (../shared/golden/caseA)."""
+"""The model against the original MiniMax-M1 code's outputs (tests/data/golden/caseA)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 import m1_jax
 
-ATOL = 1e-4  # fp32 logits (DESIGN: testing conventions)
+ATOL = 1e-4  # fp32 logits (docs/model.md §5.5)
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,12 @@ def model(golden_dir):
 
 
 def test_fp32_logits_and_layers(model, golden):
-    logits, extras = model(jnp.asarray(golden["ids"]), return_aux=True, collect=True)
+    out = model.forward(jnp.asarray(golden["ids"]), collect=True)
+    logits = out.logits
     assert logits.dtype == jnp.float32
     assert logits.shape == golden["out"]["logits"].shape
     np.testing.assert_allclose(np.asarray(logits), golden["out"]["logits"], rtol=0, atol=ATOL)
-    layer_out = np.asarray(extras["layer_outputs"])
+    layer_out = np.asarray(out.layer_outputs)
     for layer in range(layer_out.shape[0]):
         np.testing.assert_allclose(layer_out[layer], golden["inter"]["layer_out"][layer], rtol=0, atol=ATOL,
                                    err_msg=f"layer {layer}")

@@ -14,15 +14,15 @@ from flax import nnx
 
 import m1_jax
 from m1_jax.config import FULL, LINEAR
+from tiny_models import tiny_config
 
 SCAN_ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(configs_dir):
+def tiny_cfg():
     # Period of 2, two periods: the unrolled loop must pick each period's own weights and slopes.
-    return m1_jax.M1Config.from_json(configs_dir / "tiny.json").replace(
-        layer_types=(LINEAR, FULL) * 2, block_size=5, initializer_range=0.1)
+    return tiny_config(layer_types=(LINEAR, FULL) * 2, block_size=5, initializer_range=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,13 @@ def tiny_ids(tiny_cfg):
 def test_scanned_and_unrolled_stacks_agree(tiny_cfg, tiny_ids):
     assert tiny_cfg.num_periods == 2
     model = m1_jax.init_model(tiny_cfg, seed=3)
-    forward = nnx.jit(lambda m, ids, scan: m(ids, return_aux=True, collect=True, scan=scan), static_argnums=2)
-    (a, ea), (b, eb) = forward(model, tiny_ids, True), forward(model, tiny_ids, False)
-    assert np.abs(np.asarray(a)).max() > 0.5  # not vacuously small
+    forward = nnx.jit(lambda m, ids, scan: m.forward(ids, collect=True, scan=scan), static_argnums=2)
+    a, b = forward(model, tiny_ids, True), forward(model, tiny_ids, False)
+    assert np.abs(np.asarray(a.logits)).max() > 0.5  # not vacuously small
     # Both compiled the same way (nnx.jit): measured max |diff| 0.0 on this machine.
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=SCAN_ATOL)
-    np.testing.assert_allclose(np.asarray(ea["layer_outputs"]), np.asarray(eb["layer_outputs"]), rtol=0,
-                               atol=SCAN_ATOL)
-    np.testing.assert_allclose(np.asarray(ea["aux_loss_per_layer"]), np.asarray(eb["aux_loss_per_layer"]),
+    np.testing.assert_allclose(np.asarray(a.logits), np.asarray(b.logits), rtol=0, atol=SCAN_ATOL)
+    np.testing.assert_allclose(np.asarray(a.layer_outputs), np.asarray(b.layer_outputs), rtol=0, atol=SCAN_ATOL)
+    np.testing.assert_allclose(np.asarray(a.aux_loss_per_layer), np.asarray(b.aux_loss_per_layer),
                                rtol=0, atol=SCAN_ATOL)
     # (Eagerly, scan=True runs as one compiled scan and scan=False op by op, so XLA fuses them differently:
     # measured 9.5e-7 on logits of magnitude 3.2 here, 1.1e-6 with six layers. Compiled the same way they
@@ -53,8 +52,8 @@ def test_remat_gives_the_same_gradients(tiny_cfg, tiny_ids, remat):
     model = m1_jax.init_model(tiny_cfg, seed=5)
 
     def loss(m, ids, remat):
-        logits, extras = m(ids, return_aux=True, remat=remat)
-        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0]) + extras["aux_loss"]
+        out = m.forward(ids, remat=remat)
+        return jnp.mean(jax.nn.logsumexp(out.logits, axis=-1) - out.logits[..., 0]) + out.aux_loss
 
     grad = nnx.jit(nnx.value_and_grad(loss), static_argnums=2)
     (l0, g0), (l1, g1) = grad(model, tiny_ids, "none"), grad(model, tiny_ids, remat)
@@ -98,7 +97,7 @@ def test_abstract_full_size_model_allocates_nothing(configs_dir):
     assert r["seconds"] < 60, r
     assert r["all_shape_structs"], r
     assert r["n_params"] == m1_jax.param_counts(cfg)["total"] == 456_089_655_296
-    # The release's index total_size (M1_SPEC §3): bf16 everywhere except the fp32 router gates.
+    # The release's index total_size (docs/model.md §3.4): bf16 everywhere except the fp32 router gates.
     assert r["n_bytes"] == 912_210_767_872
     assert r["layers_axis"] == [cfg.num_periods] == [10]  # scanned over 10 periods of 8
     assert r["growth_kib"] < 1024 * 1024, r  # < 1 GiB (measured ~2 MiB); the weights would be 912 GB

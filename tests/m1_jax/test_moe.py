@@ -9,16 +9,16 @@ from flax import nnx
 
 import m1_jax
 from m1_jax.layers.moe import MoE, route
+from tiny_models import tiny_config
 
 TOL = 1e-5  # relative to the largest entry of the compared array (fp32)
 E, D, I = 6, 32, 24
 
 
 @pytest.fixture(scope="module")
-def skewed(configs_dir):
+def skewed():
     """A MoE layer whose router sends every token to expert 0 and none to expert 5."""
-    cfg = m1_jax.M1Config.from_json(configs_dir / "tiny.json").replace(
-        hidden_size=D, intermediate_size=I, num_local_experts=E, initializer_range=0.2)
+    cfg = tiny_config(hidden_size=D, intermediate_size=I, num_local_experts=E, initializer_range=0.2)
     moe = MoE(cfg, rngs=nnx.Rngs(0))
     gate = np.array(moe.gate[...])
     mean_dir = np.ones(D, np.float32) / np.sqrt(D)  # the inputs have a mean component along it
@@ -107,13 +107,13 @@ def test_aux_loss_counts_only_real_tokens(skewed):
                                float(load_balancing_loss(logits, experts, E)), rtol=1e-6)
 
 
-def test_model_aux_loss_ignores_padding(configs_dir):
+def test_model_aux_loss_ignores_padding():
     """A row padded at the end (segment id 0) has the aux loss of the same row unpadded, layer by layer."""
-    cfg = m1_jax.M1Config.from_json(configs_dir / "tiny.json")
+    cfg = tiny_config()
     model = m1_jax.init_model(cfg, seed=0)
     ids = jax.random.randint(jax.random.key(2), (1, 24), 0, cfg.vocab_size)
     seg = jnp.asarray([[1] * 17 + [0] * 7])
-    _, padded = model(ids, segment_ids=seg, return_aux=True)
-    _, alone = model(ids[:, :17], return_aux=True)
-    np.testing.assert_allclose(np.asarray(padded["aux_loss_per_layer"]), np.asarray(alone["aux_loss_per_layer"]),
+    padded = model.forward(ids, segment_ids=seg)
+    alone = model.forward(ids[:, :17])
+    np.testing.assert_allclose(np.asarray(padded.aux_loss_per_layer), np.asarray(alone.aux_loss_per_layer),
                                rtol=1e-5)

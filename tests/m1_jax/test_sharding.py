@@ -70,9 +70,9 @@ def inputs(golden_dir):
 
 def _loss_fn(graphdef):
     def loss(state, ids):
-        logits, extras = nnx.merge(graphdef, state)(ids[:, :-1], return_aux=True)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-        return ce + 0.01 * extras["aux_loss"], (logits, extras["aux_loss"])
+        out = nnx.merge(graphdef, state).forward(ids[:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, ids[:, 1:]).mean()
+        return ce + 0.01 * out.aux_loss, (out.logits, out.aux_loss)
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 

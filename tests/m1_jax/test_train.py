@@ -101,8 +101,11 @@ def test_loss_matches_manual_cross_entropy(cfg):
         cfg, small_run(), sharding.make_mesh("data=1", jax.devices()[:1])).model()))
     b = {k: jnp.asarray(v) for k, v in packed_batches(1, seed=3)[0].items()}
     g, p = nnx.split(model)
-    fwd = jax.jit(lambda p, b: (train.loss_sums(nnx.merge(g, p), b), train.forward(nnx.merge(g, p), b)[0]),
-                  compiler_options=train.FAST_COMPILE)
+    def fwd(p, b):
+        m = nnx.merge(g, p)
+        return train.loss_sums(m, b), m(b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"])
+
+    fwd = jax.jit(fwd, compiler_options=train.FAST_COMPILE)
     sums, logits = fwd(p, b)
     logits = np.asarray(logits, np.float64)
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
