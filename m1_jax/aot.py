@@ -67,14 +67,14 @@ def topology_devices(topology: str) -> list:
         from jax.experimental import topologies
         import libtpu  # noqa: F401
     except ImportError as e:
-        raise ValueError(f"--topology {topology}: TPU AOT compilation needs libtpu "
+        raise ValueError(f"topology {topology}: TPU AOT compilation needs libtpu "
                            f"(pip install 'm1-jax[tpu]'): {e}") from None
     if ":" not in topology:
-        raise ValueError(f"--topology {topology!r}: expected GENERATION:SHAPE, e.g. v5p:4x4x4 or v5e:2x2")
+        raise ValueError(f"topology {topology!r}: expected GENERATION:SHAPE, e.g. v5p:4x4x4 or v5e:2x2")
     try:
         desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
     except Exception as e:  # noqa: BLE001 - libtpu's message is the useful part
-        raise ValueError(f"--topology {topology!r}: libtpu cannot build it: {e}") from None
+        raise ValueError(f"topology {topology!r}: libtpu cannot build it: {e}") from None
     return list(desc.devices)
 
 

@@ -64,19 +64,19 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         m = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", part)
         if not m:
-            raise MeshError(f"--mesh {spec!r}: cannot read {part!r}; expected AXIS=SIZE with AXIS one of "
+            raise MeshError(f"mesh {spec!r}: cannot read {part!r}; expected AXIS=SIZE with AXIS one of "
                             f"{', '.join(MESH_AXES)} (e.g. data=2,fsdp=-1,expert=8,tensor=4)")
         name, size = m.group(1), int(m.group(2))
         if name not in MESH_AXES:
-            raise MeshError(f"--mesh {spec!r}: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
+            raise MeshError(f"mesh {spec!r}: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
         if name in seen:
-            raise MeshError(f"--mesh {spec!r}: axis {name!r} given twice")
+            raise MeshError(f"mesh {spec!r}: axis {name!r} given twice")
         if size == 0 or size < -1:
-            raise MeshError(f"--mesh {spec!r}: size of {name!r} must be positive or -1, got {size}")
+            raise MeshError(f"mesh {spec!r}: size of {name!r} must be positive or -1, got {size}")
         seen.add(name)
         sizes[name] = size
     if sum(v == -1 for v in sizes.values()) > 1:
-        raise MeshError(f"--mesh {spec!r}: at most one axis may be -1")
+        raise MeshError(f"mesh {spec!r}: at most one axis may be -1")
     return sizes
 
 
@@ -94,12 +94,12 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence | None = None) ->
     for a, v in sizes.items():
         if v == -1:
             if n % known:
-                raise MeshError(f"--mesh {text!r}: the other axes use {known} devices, which does not divide "
+                raise MeshError(f"mesh {text!r}: the other axes use {known} devices, which does not divide "
                                 f"the {n} devices available{emulate(known)}")
             sizes[a] = n // known
     total = math.prod(sizes.values())
     if total != n:
-        raise MeshError(f"--mesh {text!r} needs {total} devices but {n} are available "
+        raise MeshError(f"mesh {text!r} needs {total} devices but {n} are available "
                         f"(use -1 for one axis to take the rest){emulate(total)}")
     shape = tuple(sizes[a] for a in MESH_AXES)
     types = (AxisType.Auto,) * len(MESH_AXES)
@@ -134,18 +134,18 @@ def check_mesh(cfg: M1Config, mesh: Mesh) -> None:
     t, e = mesh.shape["tensor"], mesh.shape["expert"]
     H, KV, E = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_local_experts
     if H % t:
-        raise MeshError(f"--mesh {spec}: tensor={t} does not divide num_attention_heads={H}")
+        raise MeshError(f"mesh {spec}: tensor={t} does not divide num_attention_heads={H}")
     if KV % t and t % KV:
-        raise MeshError(f"--mesh {spec}: tensor={t} neither divides num_key_value_heads={KV} nor is a "
+        raise MeshError(f"mesh {spec}: tensor={t} neither divides num_key_value_heads={KV} nor is a "
                         f"multiple of it")
     if E % e:
-        raise MeshError(f"--mesh {spec}: expert={e} does not divide num_local_experts={E}")
+        raise MeshError(f"mesh {spec}: expert={e} does not divide num_local_experts={E}")
 
 
 def check_batch(batch: int, mesh: Mesh) -> None:
     n = axis_size(mesh, BATCH_AXES)
     if batch % n:
-        raise MeshError(f"--mesh {format_mesh_spec(mesh)}: batch={batch} is not divisible by "
+        raise MeshError(f"mesh {format_mesh_spec(mesh)}: batch={batch} is not divisible by "
                         f"data*fsdp*expert={n} (the batch is split over these axes)")
 
 
@@ -175,7 +175,7 @@ def logical_to_spec(names: Sequence[str | None], mesh: Mesh, shape: Sequence[int
                 if name == "kv_heads":
                     axes = ()
                 else:
-                    raise MeshError(f"--mesh {format_mesh_spec(mesh)}: {what}: dimension {i} ({name}) of size "
+                    raise MeshError(f"mesh {format_mesh_spec(mesh)}: {what}: dimension {i} ({name}) of size "
                                     f"{shape[i]} is not divisible by {'*'.join(axes)}={n}")
         used.update(axes)
         out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))

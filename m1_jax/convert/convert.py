@@ -85,7 +85,7 @@ def resolve_dtype(name: str, cfg: M1Config, src) -> str:
     if name in DTYPES:
         return DTYPES[name]
     if name != "keep":
-        raise CheckpointError(f"--dtype {name}: expected bf16, fp32 or keep")
+        raise CheckpointError(f"dtype {name!r}: expected bf16, fp32 or keep")
     for key in src.keys():
         if key.endswith("embed_tokens.weight"):
             pls = key_table.plan(cfg, key)

@@ -32,7 +32,7 @@ def parse_size(text: str) -> int:
     """``"5GB"``, ``"500MB"``, ``"123"`` -> bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
     if not m:
-        raise ValueError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB")
+        raise ValueError(f"shard size {text!r}: expected a size like 5GB or 500MB")
     unit = (m[2] or "").upper().rstrip("B")
     scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]

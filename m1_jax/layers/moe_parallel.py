@@ -142,7 +142,7 @@ def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = 
     E = w1.shape[0]
     ep, t = mesh.shape[EXPERT], mesh.shape["tensor"]
     if E % ep:
-        raise sharding.MeshError(f"--mesh {sharding.format_mesh_spec(mesh)}: expert={ep} does not divide "
+        raise sharding.MeshError(f"mesh {sharding.format_mesh_spec(mesh)}: expert={ep} does not divide "
                                  f"num_local_experts={E}")
     if ragged is None:
         ragged = targeting_tpu()

@@ -31,8 +31,9 @@ def test_mesh_spec_and_rest_axis():
     ("data=3,fsdp=-1", "does not divide the 8 devices"),
 ])
 def test_bad_mesh_specs(spec, match):
-    with pytest.raises(MeshError, match=match):
+    with pytest.raises(MeshError, match=match) as err:
         sharding.make_mesh(spec)
+    assert str(err.value).startswith(f"mesh '{spec}'")  # names the Python argument, not a command-line flag
 
 
 def test_rules_map_logical_names():
