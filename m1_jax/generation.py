@@ -56,25 +56,40 @@ def _check_ids(model, ids: np.ndarray, lengths: np.ndarray) -> None:
             raise ValueError(f"prompt row {b}: token id {int(bad[0])} is outside the vocabulary [0, {V})")
 
 
+def _check_integers(a: np.ndarray, what: str) -> None:
+    if a.size and (a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"{what} must hold integer token ids, got {a.dtype} (e.g. {a.reshape(-1)[0]!r})")
+
+
+def _token_row(row, what: str) -> np.ndarray:
+    """One prompt of a list of prompts: a 1-D sequence of integer token ids."""
+    a = np.asarray(row)
+    if a.ndim != 1:
+        raise ValueError(f"{what} must be a flat list of token ids, got shape {list(a.shape)}")
+    _check_integers(a, what)
+    return a
+
+
 def as_batch(prompt_ids, lengths=None) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> (right-padded int32 [batch, max_len], lengths int32 [batch]).
 
     Accepts a list of token-id lists (different lengths), a 1-D sequence (one prompt) or a 2-D array
     with optional per-row ``lengths`` (real tokens first, padding after)."""
     if isinstance(prompt_ids, (list, tuple)) and prompt_ids and isinstance(prompt_ids[0], (list, tuple, np.ndarray)):
-        rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in prompt_ids]
+        rows = [_token_row(r, f"prompt_ids[{b}]") for b, r in enumerate(prompt_ids)]
         lens = np.array([len(r) for r in rows], np.int32)
         ids = np.zeros((len(rows), max(int(lens.max()), 1)), np.int64)
         for b, r in enumerate(rows):
             ids[b, : len(r)] = r
+        if lengths is not None:
+            raise ValueError("lengths goes with a padded [batch, time] array, not a list of token lists")
     else:
         ids = np.asarray(prompt_ids)
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2:
             raise ValueError(f"prompt_ids must be [batch, time] or a list of token lists, got shape {ids.shape}")
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompt_ids must be integer token ids, got {ids.dtype}")
+        _check_integers(ids, "prompt_ids")
         lens = np.full((ids.shape[0],), ids.shape[1], np.int32) if lengths is None else np.asarray(lengths, np.int32)
         if lens.shape != (ids.shape[0],) or (lens > ids.shape[1]).any() or (lens < 0).any():
             raise ValueError(f"lengths must be [batch] = [{ids.shape[0]}] within 0..{ids.shape[1]}, got {lens}")
@@ -216,15 +231,23 @@ def _stop_array(seqs) -> np.ndarray:
     return out
 
 
-def _start(model, prompt_ids, lengths, max_new_tokens, temperature, top_k, top_p, eos_token_id, stop,
+def _start(model, prompt_ids, lengths, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, stop,
            cache: Cache | None, max_len: int | None, chunk_size: int):
     """What :func:`generate` and :func:`stream` share: checks the arguments, makes (or checks the room of)
-    the cache and prefills the prompts -> (sampling params, stop sequences, cache, last logits)."""
+    the cache and prefills the prompts -> (sampling params, random key, stop sequences, cache, last logits)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     sp = SamplingParams.create(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=model.cfg.vocab_size)
     stop_seqs = _stop_sequences(eos_token_id, stop)
     ids, lens = as_batch(prompt_ids, lengths)
+    held = 0 if cache is None else int(np.asarray(cache.lengths).max())
+    limit = model.cfg.max_position_embeddings
+    if held + int(lens.max()) + max_new_tokens > limit:
+        raise ValueError(f"max_new_tokens={max_new_tokens} after a prompt of {int(lens.max())} tokens"
+                         f"{f' (and {held} in the cache)' if held else ''} exceeds the model's "
+                         f"max_position_embeddings={limit}")
     if cache is None:
         need = int(lens.max()) + max_new_tokens
         cache = init_cache(model.cfg, ids.shape[0], max(max_len or 0, round_max_len(_bucket(need, 64))),
@@ -235,7 +258,7 @@ def _start(model, prompt_ids, lengths, max_new_tokens, temperature, top_k, top_p
             raise CacheError(f"the cache of {cache.max_len} tokens has room for {max(int(room) + 1, 0)} new tokens "
                              f"after the prompt, {max_new_tokens} were asked")
     cache, logits = prefill(model, ids, lengths=lens, cache=cache, chunk_size=chunk_size)
-    return sp, stop_seqs, cache, logits
+    return sp, jax.random.key(int(seed)), stop_seqs, cache, logits
 
 
 def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -254,14 +277,14 @@ def generate(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0
     ``return_cache`` gives the extended one back). With any ``return_*`` flag a :class:`Generation` is
     returned instead of the tokens.
     """
-    sp, stop_seqs, cache, logits = _start(model, prompt_ids, lengths, max_new_tokens, temperature, top_k, top_p,
-                                          eos_token_id, stop, cache, max_len, chunk_size)
+    sp, key, stop_seqs, cache, logits = _start(model, prompt_ids, lengths, max_new_tokens, temperature, top_k,
+                                               top_p, seed, eos_token_id, stop, cache, max_len, chunk_size)
     if pad_token_id is None:
         pad_token_id = stop_seqs[0][0] if eos_token_id is not None else 0
     n_buf = _bucket(max_new_tokens)
     graphdef, params = nnx.split(model)
     tokens, count, logprobs, all_logits, cache = _generate_loop(
-        graphdef, params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens), sp.arrays(),
+        graphdef, params, cache, logits, key, jnp.int32(max_new_tokens), sp.arrays(),
         jnp.int32(pad_token_id), jnp.asarray(_stop_array(stop_seqs)), n_buf=n_buf, greedy=sp.greedy,
         return_logits=return_logits)
     tokens = tokens[:, :max_new_tokens]
@@ -280,10 +303,9 @@ def stream(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0, 
     rows = len(as_batch(prompt_ids)[0])
     if rows != 1:
         raise ValueError(f"stream takes one prompt, got {rows}")
-    sp, stop_seqs, cache, logits = _start(model, prompt_ids, None, max_new_tokens, temperature, top_k, top_p,
-                                          eos_token_id, stop, cache, max_len, chunk_size)
+    sp, key, stop_seqs, cache, logits = _start(model, prompt_ids, None, max_new_tokens, temperature, top_k, top_p,
+                                               seed, eos_token_id, stop, cache, max_len, chunk_size)
     graphdef, params = nnx.split(model)
-    key = jax.random.key(seed)
     out: list[int] = []
     for i in range(max_new_tokens):
         tok = int(_sample_jit(logits, jax.random.fold_in(key, i), sp.arrays(), greedy=sp.greedy)[0])

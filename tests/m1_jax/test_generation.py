@@ -184,6 +184,14 @@ def test_stream_yields_greedy_tokens(model, golden):
     (dict(prompt_ids=[[1, 2]], temperature=1.0, top_p=1.5), "top_p"),
     (dict(prompt_ids=[[1, 2]], temperature=1.0, top_k=-2), "top_k"),
     (dict(prompt_ids=[[1, 2]], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt_ids=[[1.5, 2.0]]), r"prompt_ids\[0\] must hold integer token ids, got float64"),
+    (dict(prompt_ids=np.array([[1.5, 2.0]])), "prompt_ids must hold integer token ids"),
+    (dict(prompt_ids=[[True, False]]), "integer token ids, got bool"),
+    (dict(prompt_ids=[[[1, 2]]]), r"prompt_ids\[0\] must be a flat list of token ids, got shape \[1, 2\]"),
+    (dict(prompt_ids=[[1, 2]], seed=2 ** 70), r"seed must be an integer in \[0, 2\*\*63\)"),
+    (dict(prompt_ids=[[1, 2]], seed=-1), "seed must be"),
+    (dict(prompt_ids=[[1, 2]], max_new_tokens=100_000_000), "max_new_tokens=100000000 after a prompt of 2 tokens "
+                                                            "exceeds the model's max_position_embeddings="),
 ])
 def test_bad_input_errors(model, kw, match):
     kw = {"max_new_tokens": 2, **kw}
