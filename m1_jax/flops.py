@@ -32,6 +32,9 @@ FORMULA = (
     "C(G) = G*(2*N_active + n_lightning*5*H*d_k*d_v) + n_softmax*2*H*(d_qk+d_v)*G*(G-1)/2   (G tokens generated)"
 )
 
+# What N_active counts (the label `m1 flops` prints; `m1 info` counts without the head).
+ACTIVE_LABEL = "active parameters per token, including the output head, excluding the embedding (a lookup)"
+
 # Published claim (MiniMax-M1 report): M1 needs under 50% of DeepSeek-R1's FLOPs at 64K generated tokens
 # and about 25% at 100K.
 CLAIMS = {64_000: "< 50%", 100_000: "about 25%"}

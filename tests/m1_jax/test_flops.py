@@ -1,9 +1,12 @@
 """`m1 flops`: the inference FLOP model of M1 against a DeepSeek-R1-shaped dense-attention model."""
 
+import sys
+
 import numpy as np
 import pytest
 
 from m1_jax import cli, flops
+from m1_jax.config import param_counts
 from m1_jax.presets import resolve_config
 
 
@@ -56,3 +59,29 @@ def test_step_flops(cfg):
     assert fwd == pytest.approx(3 * np.sum(m1.per_token(np.arange(100))))
     assert flops.step_flops(cfg, "train", batch=3, seq_len=100, context=0) == pytest.approx(3 * fwd)
     assert flops.step_flops(cfg, "decode", batch=2, seq_len=1, context=5000) == pytest.approx(2 * m1.per_token(5000))
+
+
+def test_png_without_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ModuleNotFoundError
+    png = tmp_path / "flops.png"
+    assert cli.main(["flops", "--png", str(png)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # checked before any work
+    assert err.strip() == (f"m1 flops: error: --png {png}: the chart needs matplotlib, which is not installed: "
+                           f"pip install 'm1-jax[plot]'")
+    assert not png.exists()
+
+
+def test_active_parameters_are_labelled_as_m1_info_counts_them(cfg, capsys):
+    """`m1 flops` counts the output head in N_active, `m1 info` does not: each says so, and they differ by it."""
+    c = param_counts(cfg)
+    assert cli.main(["flops", "--max-tokens", "8192"]) == 0
+    flops_out = capsys.readouterr().out
+    assert ("N_active: active parameters per token, including the output head, excluding the embedding"
+            in flops_out)
+    assert (f"`m1 info` prints {c['active'] / 1e9:.1f}B active per token, excluding embedding and head; "
+            f"+ {c['lm_head'] / 1e9:.1f}B output head = {(c['active'] + c['lm_head']) / 1e9:.1f}B" in flops_out)
+    assert f"MiniMax-M1: N_active {(c['active'] + c['lm_head']) / 1e9:.1f}B," in flops_out
+    assert cli.main(["info", "minimax-m1-80k"]) == 0
+    info_active = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("active per token"))
+    assert f"({c['active'] / 1e9:.1f}B, excluding embedding and head)" in info_active
