@@ -11,6 +11,10 @@ import importlib
 import logging
 import sys
 
+from m1_jax import distributed
+
+VERBOSE_HELP = "debug logging, and the TPU runtime's own messages on a host without TPUs"
+
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "info": ("m1_jax.commands.info", "print the architecture and parameter counts of a config"),
@@ -27,17 +31,22 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m1", description="MiniMax-M1 in JAX: run, convert, train, plan.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    # -v after the command too; SUPPRESS keeps the subcommand from resetting a -v given before it
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, parents=[verbose])
         if name == chosen:  # only the chosen command's module is imported
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        distributed.quiet_absent_tpu()
     mod = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(mod.run(args) or 0)
