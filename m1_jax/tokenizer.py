@@ -112,11 +112,23 @@ def load_tokenizer(path: str | os.PathLike | None, vocab_size: int):
     raise TokenizerError(f"{path}: no tokenizer.json, and a vocabulary of {vocab_size} is not a byte-level model")
 
 
-class StreamDecoder:
-    """Incremental detokenisation: feed ids one at a time, get the new text (complete characters only)."""
+# Control characters but tab and newline: C0, DEL and C1 (Unicode category Cc).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = False):
-        self.tok, self.skip = tokenizer, skip_special_tokens
+
+def escape_controls(text: str) -> str:
+    """``text`` with its control characters other than tab and newline written as ``\\xNN``, so that the
+    raw bytes a model emits (a byte-level model may emit any byte, e.g. ESC sequences or a carriage
+    return) show as text instead of driving the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class StreamDecoder:
+    """Incremental detokenisation: feed ids one at a time, get the new text (complete characters only);
+    with ``escape_controls`` control characters come escaped (:func:`escape_controls`)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = False, escape_controls: bool = False):
+        self.tok, self.skip, self.escape = tokenizer, skip_special_tokens, escape_controls
         self.ids: list[int] = []
         self.emitted = 0
 
@@ -125,10 +137,11 @@ class StreamDecoder:
         text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
             return ""
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
+        return self._emit(text)
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
+        return self._emit(self.tok.decode(self.ids, skip_special_tokens=self.skip))
+
+    def _emit(self, text: str) -> str:
         new, self.emitted = text[self.emitted:], len(text)
-        return new
+        return escape_controls(new) if self.escape else new

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import sys
 
-from m1_jax.commands.runtime import (add_model_arguments, add_sampling_arguments, load_config_and_tokenizer,
-                                    load_model, sampling_params)
+from m1_jax.commands.runtime import (add_model_arguments, add_sampling_arguments, announce_compile,
+                                    load_config_and_tokenizer, load_model, sampling_params)
 
 HELP = "commands: /tool NAME RESULT (a tool result), /reset, /exit"
+PROMPT = "> "
 
 
 def add_arguments(p):
@@ -62,8 +63,8 @@ class Session:
     def reply(self, out=sys.stdout) -> str:
         from m1_jax.cache import init_cache
         from m1_jax.chat import GENERATION_PROMPT, parse_reply, render, render_turns
-        from m1_jax.generate import stream
-        from m1_jax.tokenizer import StreamDecoder
+        from m1_jax.generation import stream
+        from m1_jax.tokenizer import StreamDecoder, escape_controls
 
         if self.history is None:
             history = self.tok.encode(render(self.messages, self.tools))
@@ -72,7 +73,7 @@ class Session:
                 render_turns(self.messages[self.rendered:], first_index=self.rendered) + GENERATION_PROMPT)
         if self.cache is None:
             self.cache, self.seen = init_cache(self.model.cfg, 1, self.max_len, dtype=self.model.dtype), []
-        dec, toks = StreamDecoder(self.tok), []
+        dec, toks = StreamDecoder(self.tok, escape_controls=True), []
         cache, self.cache = self.cache, None  # unusable if this turn fails half-way
         for tok, cache in stream(self.model, history[len(self.seen):], cache=cache,
                                  max_new_tokens=self.args.max_new_tokens, temperature=self.sp.temperature,
@@ -94,11 +95,24 @@ class Session:
         self.rendered = len(self.messages)
         parsed = parse_reply(text)
         if not self.args.show_reasoning:
-            out.write(parsed.content)
+            out.write(escape_controls(parsed.content))
         for call in parsed.tool_calls:
-            out.write(f"\n[tool call] {call.name}({json.dumps(call.arguments, ensure_ascii=False)})")
+            call_text = f"{call.name}({json.dumps(call.arguments, ensure_ascii=False)})"
+            out.write(f"\n[tool call] {escape_controls(call_text)}")
         out.write("\n")
         return text
+
+
+def user_lines():
+    """The user's lines from stdin; on a terminal each is asked for with :data:`PROMPT` (and line editing)."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input(PROMPT) + "\n"
+        except EOFError:
+            return
 
 
 def run(args) -> int:
@@ -111,7 +125,8 @@ def run(args) -> int:
     model = load_model(args)
     session = Session(model, tokenizer, sp, args, tools, args.system)
     print(f"m1 chat: {args.checkpoint} ({HELP})", file=sys.stderr)
-    for line in sys.stdin:
+    compiled = False
+    for line in user_lines():
         line = line.rstrip("\n")
         if not line.strip():
             continue
@@ -133,6 +148,9 @@ def run(args) -> int:
                 continue
         else:
             session.messages.append({"role": "user", "content": line})
+        if not compiled:
+            announce_compile("chat", "the conversation")
+            compiled = True
         try:
             session.reply()
         except ValueError as e:  # e.g. the conversation outgrew the cache: say so, drop the turn, go on

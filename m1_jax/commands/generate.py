@@ -1,12 +1,13 @@
-"""``m1 generate CKPT --prompt ...``: prefill + decode, printing tokens as they come."""
+"""``m1 generate CKPT --prompt ...``: prefill + decode, printing tokens as they come (control characters
+other than tab and newline escaped as ``\\xNN``)."""
 
 from __future__ import annotations
 
 import sys
 import time
 
-from m1_jax.commands.runtime import (add_model_arguments, add_sampling_arguments, load_config_and_tokenizer,
-                                    load_model, sampling_params)
+from m1_jax.commands.runtime import (add_model_arguments, add_sampling_arguments, announce_compile,
+                                    load_config_and_tokenizer, load_model, sampling_params)
 
 
 def add_arguments(p):
@@ -56,11 +57,12 @@ def run(args) -> int:
                              f"after the {len(ids)}-token prompt, not --max-new-tokens {args.max_new_tokens}")
         max_len = args.max_len
     model = load_model(args)
-    from m1_jax.generate import stream
+    from m1_jax.generation import stream
     from m1_jax.tokenizer import StreamDecoder
 
-    dec = StreamDecoder(tokenizer)
+    dec = StreamDecoder(tokenizer, escape_controls=True)
     eos = None if args.ignore_eos else tokenizer.eos_token_id
+    announce_compile("generate", f"a {len(ids)}-token prompt")
     t0 = time.perf_counter()
     n, t_first = 0, None
     for tok, _ in stream(model, ids, max_new_tokens=args.max_new_tokens, temperature=sp.temperature,

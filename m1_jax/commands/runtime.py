@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from m1_jax.sampling import SamplingParams
 
@@ -19,11 +20,12 @@ def add_model_arguments(p):
 
 
 def add_sampling_arguments(p, max_new_tokens: int):
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"stop after this many new tokens (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0; unused when greedy)")
 
 
 def sampling_params(args, vocab_size: int) -> SamplingParams:
@@ -42,6 +44,11 @@ def sampling_params(args, vocab_size: int) -> SamplingParams:
         raise ValueError(f"--max-len must be >= 1, got {args.max_len}")
     return SamplingParams.create(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                  vocab_size=vocab_size)
+
+
+def announce_compile(command: str, what: str) -> None:
+    """One line on stderr before the first prefill: compiling takes seconds to minutes and shows nothing."""
+    print(f"m1 {command}: compiling the model for {what} (first call only) ...", file=sys.stderr, flush=True)
 
 
 def check_checkpoint(path: str) -> None:

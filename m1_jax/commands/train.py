@@ -26,8 +26,10 @@ def add_arguments(p):
     p.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-process runs)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="processes in a multi-process run, one per host (default: JAX_NUM_PROCESSES, else 1)")
+    p.add_argument("--process-id", type=int, default=None,
+                   help="this process's index, 0 .. --num-processes - 1 (default: JAX_PROCESS_ID)")
 
 
 def run(args) -> int:

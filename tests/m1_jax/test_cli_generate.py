@@ -1,6 +1,7 @@
 """``m1 generate`` and ``m1 chat``: streaming output on the golden checkpoint, clear errors on bad input."""
 
 import argparse
+import importlib
 import io
 import json
 
@@ -76,3 +77,43 @@ def test_chat_session_reuses_the_cache(golden_dir, monkeypatch, capsys):
     assert int(s.cache.lengths[0]) == len(s.seen)
     assert s.messages[2] == {"role": "assistant", "content": first}
     assert s.history[: len(s.seen)] == s.seen
+
+
+def test_generate_escapes_control_bytes_and_says_it_compiles(golden_dir, monkeypatch, capsys):
+    """A byte-level model's raw control bytes reach the terminal escaped; one line says the model compiles."""
+    import m1_jax.generation
+
+    emitted = list(b"ok\x1b[2J\r\x00\n")
+
+    def fake_stream(model, ids, **kw):
+        yield from ((t, None) for t in emitted)
+
+    monkeypatch.setattr(m1_jax.generation, "stream", fake_stream)
+    code, out, err = run_cli(["generate", str(golden_dir), "--prompt", "hi", "--max-new-tokens", "8"], capsys)
+    assert code == 0, err
+    assert out == "ok\\x1b[2J\\x0d\\x00\n\n"
+    assert err == "m1 generate: compiling the model for a 2-token prompt (first call only) ...\n"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_chat_prompts_on_a_terminal_and_says_it_compiles(golden_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", _Terminal("hi\n/exit\n"))
+    code, out, err = run_cli(["chat", str(golden_dir), "--max-new-tokens", "2", "--max-len", "256"], capsys)
+    assert code == 0, err
+    assert out.startswith("> ") and out.count("> ") >= 2  # asked for each line: "hi", then "/exit"
+    assert err.count("compiling the model") == 1 and "(first call only)" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("/exit\n"))  # not a terminal: no prompt
+    code, out, _ = run_cli(["chat", str(golden_dir)], capsys)
+    assert code == 0 and out == ""
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "train"])
+def test_every_option_has_help(command):
+    parser = argparse.ArgumentParser()
+    importlib.import_module(f"m1_jax.commands.{command}").add_arguments(parser)
+    missing = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not missing, f"m1 {command}: options without --help text: {missing}"

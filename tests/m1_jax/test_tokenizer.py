@@ -5,7 +5,7 @@ import json
 import pytest
 
 from m1_jax.tokenizer import (SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, StreamDecoder, TokenizerError,
-                              load_tokenizer)
+                              escape_controls, load_tokenizer)
 
 
 def test_byte_tokenizer_round_trip_and_specials():
@@ -28,6 +28,16 @@ def test_stream_decoder_waits_for_whole_characters():
     pieces = [dec.push(i) for i in "a✓b".encode()]
     assert pieces == ["a", "", "", "✓", "b"]
     assert dec.flush() == ""
+
+
+def test_control_characters_come_escaped():
+    """A byte-level model may emit any byte: ESC sequences, carriage returns, NUL must not reach a terminal raw."""
+    assert escape_controls("a\x1b[2Jb\rc\x00\x7f\x85") == "a\\x1b[2Jb\\x0dc\\x00\\x7f\\x85"
+    assert escape_controls("tab\tnewline\nhé ✓<end_of_sentence>") == "tab\tnewline\nhé ✓<end_of_sentence>"
+    ids = list(b"\x1b[31mred\r\n\xe2\x9c\x93\x07")
+    raw, escaped = StreamDecoder(ByteTokenizer(512)), StreamDecoder(ByteTokenizer(512), escape_controls=True)
+    assert "".join(raw.push(i) for i in ids) + raw.flush() == "\x1b[31mred\r\n✓\x07"
+    assert "".join(escaped.push(i) for i in ids) + escaped.flush() == "\\x1b[31mred\\x0d\n✓\\x07"
 
 
 def test_tokenizer_json(tmp_path):
