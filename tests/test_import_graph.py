@@ -36,3 +36,16 @@ def test_a_cycle_hidden_in_a_function_is_found(tmp_path):
     (pkg / "c.py").write_text("")
     proc = run_tool(tmp_path)
     assert proc.returncode == 0 and "m1_jax/sub/b.py:2  m1_jax.sub.b -> m1_jax.c" in proc.stdout
+
+
+def test_layers_take_only_types_from_the_inference_cache():
+    """The layers see the inference cache through its types; its machinery (init, shardings) stays above them."""
+    import ast
+
+    allowed = {"CacheStep", "CacheLayers", "LayerCache"}
+    for path in (TOOL.parents[1] / "m1_jax" / "layers").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "m1_jax.cache":
+                assert {a.name for a in node.names} <= allowed, f"{path.name} imports {[a.name for a in node.names]}"
+            if isinstance(node, ast.Import):
+                assert all(a.name != "m1_jax.cache" for a in node.names), path.name

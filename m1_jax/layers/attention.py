@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m1_jax.cache import CacheStep
 from m1_jax.config import M1Config
 from m1_jax.layers.blockwise import blockwise_attention, key_block
 from m1_jax.layers.common import matmul, param
@@ -85,7 +86,8 @@ class SoftmaxAttention(nnx.Module):
         o = causal_attention(q, k, v, segment_ids)
         return matmul(o, self.o_proj[...], contract=2, dtype=self.dtype)
 
-    def cached(self, h: jax.Array, keys: jax.Array, values: jax.Array, step) -> tuple[jax.Array, ...]:
+    def cached(self, h: jax.Array, keys: jax.Array, values: jax.Array,
+               step: CacheStep) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Attention of ``h`` [batch, time, hidden] against a KV cache, writing the new keys first.
 
         ``step`` (:class:`m1_jax.cache.CacheStep`): token ``t`` of row ``b`` is real iff
