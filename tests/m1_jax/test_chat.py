@@ -174,8 +174,8 @@ def test_chat_command_goes_on_after_a_hostile_reply(monkeypatch, capsys):
 
     from m1_jax.chat import GENERATION_PROMPT, render_turns
     from m1_jax.commands import chat as chat_command
-    from m1_jax.config import M1Config
     from m1_jax.tokenizer import ByteTokenizer
+    from tiny_models import tiny_config
 
     tok = ByteTokenizer(512)
     bad = '{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}"
@@ -188,9 +188,7 @@ def test_chat_command_goes_on_after_a_hostile_reply(monkeypatch, capsys):
             yield t, cache
 
     monkeypatch.setattr(importlib.import_module("m1_jax.generation"), "stream", fake_stream)
-    cfg = M1Config(vocab_size=512, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                   num_key_value_heads=1, head_dim=8, intermediate_size=8, num_local_experts=2,
-                   num_experts_per_tok=1, layer_types=("full_attention",), rotary_dim=8)
+    cfg = tiny_config()  # vocabulary 512, as the tokenizer's
     monkeypatch.setattr(chat_command, "load_config_and_tokenizer", lambda args: (cfg, tok))
     monkeypatch.setattr(chat_command, "load_model", lambda args: argparse.Namespace(cfg=cfg, dtype="float32"))
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nagain\n"))

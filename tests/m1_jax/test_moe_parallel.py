@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 
 from m1_jax import sharding
-from m1_jax.config import M1Config
 from m1_jax.layers.experts import experts_dense
 from m1_jax.layers.moe import MoE
 from m1_jax.layers.moe_parallel import experts_sharded, padded_ragged_all_to_all
+from tiny_models import tiny_config
 
 TOL = 1e-5
 B, T, D, E, I, K = 8, 5, 16, 4, 12, 2
@@ -92,11 +92,9 @@ def test_padded_exchange_matches_ragged_all_to_all_semantics():
 def test_moe_module_under_mesh_and_aux_loss():
     """The MoE layer picks the expert-parallel path under a mesh; outputs, router logits and the
     load-balancing loss equal the unsharded layer."""
-    cfg = M1Config(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                   num_key_value_heads=2, head_dim=8, rotary_dim=8, intermediate_size=12, num_local_experts=4,
-                   layer_types=("linear_attention",))
+    cfg = tiny_config()  # 4 experts, 2 per token
     moe = MoE(cfg, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(2), (8, 6, 16))
+    x = jax.random.normal(jax.random.key(2), (8, 6, cfg.hidden_size))
     ref, ref_logits, ref_aux = moe(x)
     dense, _, _ = moe(x, impl="dense")
     np.testing.assert_allclose(np.asarray(ref), np.asarray(dense), rtol=TOL, atol=TOL)

@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from m1_jax import sharding
-from m1_jax.config import M1Config
+from m1_jax.config import FULL
 from m1_jax.layers.attention import SoftmaxAttention, attention_mask, causal_attention, gqa_attention
 from m1_jax.layers.splash import splash_attention, unsupported_reason
 from pallas_kernels.platform import tpu_target
+from tiny_models import tiny_config
 
 B, T, H, KV, D = 2, 256, 4, 2, 128
 
@@ -107,8 +108,8 @@ def test_softmax_attention_aot_tpu_uses_kernel():
         desc = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
     except Exception as e:  # noqa: BLE001 - libtpu present but unusable here
         pytest.skip(f"TPU topology v5e:2x2 unavailable: {e}")
-    cfg = M1Config(vocab_size=64, hidden_size=256, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
-                   head_dim=128, intermediate_size=64, num_local_experts=2, layer_types=("full_attention",))
+    cfg = tiny_config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                      layer_types=(FULL,))
     layer = SoftmaxAttention(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     graphdef, params = nnx.split(layer)
     mesh = jax.sharding.Mesh(np.array([desc.devices[0]]), ("x",))
