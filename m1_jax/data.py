@@ -190,7 +190,8 @@ def render_messages(record: dict, tokenizer, where: str) -> tuple[np.ndarray, np
         raise DataError(f"{where}: 'messages': {e}") from None
 
 
-def load_document(doc: Doc, fmt: str, tokenizer, token_files: TokenFiles | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_document(doc: Doc, fmt: str, tokenizer,
+                  token_files: TokenFiles | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(token ids int32, loss mask int32) of one document."""
     if fmt == "tokens":
         starts, lengths, tokens, mask = (token_files or TokenFiles())(doc.path)

@@ -3,13 +3,22 @@
 ``WORKDIR/metrics.jsonl`` gets one JSON object per step (``step``, ``loss``, ``aux_loss``,
 ``grad_norm``, ``lr``, ``tokens_per_s``, ``mfu``, ...), written by process 0; TensorBoard event files
 go to ``WORKDIR/tensorboard`` when ``tensorboardX`` or ``torch.utils.tensorboard`` is importable.
+
+One run at a time per workdir: process 0 holds an exclusive ``flock`` on ``WORKDIR/train.lock`` for the
+whole run (the kernel releases it when the process ends, however it ends), and a second run there
+fails with the holder's pid. A resumed run continues from the newest checkpoint that restores, with
+the same model config and the same data stream (:data:`RESUME_FIXED_FIELDS`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -28,8 +37,52 @@ from m1_jax.run_config import RunConfig
 log = logging.getLogger(__name__)
 
 
+# Run-config fields that define the data stream a checkpoint's iterator state walks: a resume must keep them.
+RESUME_FIXED_FIELDS = ("data.source", "data.format", "data.tokenizer", "data.seq_len", "data.shuffle",
+                       "data.seed", "data.max_files")
+
+
 class TrainingError(RuntimeError):
     """The run cannot continue (a non-finite loss or gradient); the message names the step."""
+
+
+class WorkdirError(ValueError):
+    """A workdir that this run cannot use (in use by another run, or missing for a resume); the message
+    names it."""
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for one run: ``flock`` on ``WORKDIR/train.lock``, which holds the
+    holder's pid and host. The kernel drops the lock when the process ends, even by SIGKILL, so no stale
+    lock survives a crash."""
+
+    NAME = "train.lock"
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, self.NAME)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "WorkdirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").split()
+            os.close(fd)
+            who = f"pid {holder[0]} on {holder[1]}" if len(holder) == 2 else "pid unknown"
+            raise WorkdirError(f"{self.workdir}: in use by another `m1 train` ({who}); wait for it to end or "
+                               "choose another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # releases the lock
+            self._fd = None
 
 
 @dataclass
@@ -41,6 +94,7 @@ class Summary:
     wall_s: float = 0.0
     checkpoint_step: int | None = None
     final_state: object = None  # the TrainState at the end
+    damaged: dict[int, str] = field(default_factory=dict)  # checkpoint steps set aside on resume -> why
 
 
 def tensorboard_writer(directory: str):
@@ -55,7 +109,8 @@ def tensorboard_writer(directory: str):
 
 def _metrics_file(workdir: str, start_step: int):
     """Opens metrics.jsonl for appending after dropping lines past ``start_step`` (a resumed run
-    repeats the steps after its checkpoint)."""
+    repeats the steps after its checkpoint). The kept lines go to a new file that replaces the old one
+    only once it is on disk: a run killed meanwhile leaves the history as it was."""
     path = os.path.join(workdir, "metrics.jsonl")
     kept = []
     if start_step and os.path.exists(path):
@@ -63,12 +118,38 @@ def _metrics_file(workdir: str, start_step: int):
             for line in f:
                 try:
                     if json.loads(line)["step"] <= start_step:
-                        kept.append(line)
-                except (ValueError, KeyError):
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
                     continue
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(workdir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself is durable
+    finally:
+        os.close(dir_fd)
     return open(path, "a", buffering=1)
+
+
+def check_resumable(meta: dict, where: str, config: dict, run: RunConfig, what: str) -> None:
+    """Refuses a checkpoint (its ``meta``) saved with another model config or another data stream."""
+    if meta.get("config") != config:
+        raise CheckpointError(f"{where}: saved with another model config than {what!r}; resume with the same "
+                              "model")
+    saved = meta.get("run") or {}
+    now = run.to_dict()
+    changed = []
+    for dotted in RESUME_FIXED_FIELDS:
+        section, name = dotted.split(".")
+        if name in saved.get(section, {}) and saved[section][name] != now[section][name]:
+            changed.append(f"{dotted}: {saved[section][name]!r} there, {now[section][name]!r} now")
+    if changed:
+        raise CheckpointError(f"{where}: saved with another data stream ({'; '.join(changed)}); resume with the "
+                              "same values, or start a new --workdir")
 
 
 def load_model_config(run: RunConfig, init_from: str | None) -> M1Config:
@@ -87,31 +168,43 @@ def pretrained_model(path: str, run: RunConfig):
 
 def fit(run: RunConfig, workdir: str, *, resume: bool = False, init_from: str | None = None,
         progress: bool = True, mesh=None) -> Summary:
-    """Trains ``run.train.steps`` steps (continuing from the latest checkpoint with ``resume``)."""
+    """Trains ``run.train.steps`` steps (continuing from the newest checkpoint that restores with
+    ``resume``), holding the workdir's lock throughout."""
+    if resume and not os.path.isdir(workdir):
+        raise WorkdirError(f"--resume: {workdir} does not exist, so there is no run to continue; check the path, "
+                           "or leave out --resume to start a new run")
     os.makedirs(workdir, exist_ok=True)
+    t = run.train
+    with (WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(),
+          contextlib.closing(Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every,
+                                          max_to_keep=t.max_to_keep, async_save=t.async_checkpointing)) as ckpt):
+        return _train(run, workdir, ckpt, resume=resume, init_from=init_from, progress=progress, mesh=mesh)
+
+
+def _train(run: RunConfig, workdir: str, ckpt: Checkpointer, *, resume: bool, init_from: str | None,
+           progress: bool, mesh) -> Summary:
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+        raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
+                              "to continue that run, or another --workdir")
+    if latest is None and resume:
+        log.warning("--resume: %s holds no checkpoint; starting from step 0", ckpt.directory)
     cfg = load_model_config(run, init_from)
+    batches = make_batches(run.data, vocab_size=cfg.vocab_size)  # before the model: data errors come first
     mesh = sharding.as_mesh(mesh or run.train.mesh)
     model = pretrained_model(init_from, run) if init_from else None
     ts = train.build_train_state(cfg, run, mesh, model=model)
-    batches = make_batches(run.data, vocab_size=cfg.vocab_size)
     t = run.train
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every,
-                        max_to_keep=t.max_to_keep, async_save=t.async_checkpointing)
     meta = {"config": cfg.to_dict(), "run": run.to_dict()}
     summary = Summary()
-    latest = ckpt.latest_step()
-    if resume and latest is not None:
-        state, data_state, saved_meta, step = ckpt.restore(ts.abstract_state())
-        if saved_meta.get("config") != meta["config"]:
-            raise CheckpointError(f"{ckpt.directory}/{step}: saved with another model config than "
-                                  f"{init_from or run.model.config!r}; resume with the same model")
-        ts.state = state
-        batches.set_state(data_state, where=f"{ckpt.directory}/{step}")
-        summary.start_step = step
-        log.info("resumed from %s/%d", ckpt.directory, step)
-    elif latest is not None:
-        raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
-                              "to continue that run, or another --workdir")
+    if latest is not None:
+        check = functools.partial(check_resumable, config=meta["config"], run=run,
+                                  what=init_from or run.model.config)
+        got = ckpt.restore_newest(ts.abstract_state(), check_meta=check)
+        ts.state = got.state
+        batches.set_state(got.data, where=f"{ckpt.directory}/{got.step}")
+        summary.start_step, summary.damaged = got.step, got.damaged
+        log.info("resumed from %s/%d", ckpt.directory, got.step)
     primary = jax.process_index() == 0
     metrics_f = _metrics_file(workdir, summary.start_step) if primary else None
     tb = tensorboard_writer(os.path.join(workdir, "tensorboard")) if primary else None
@@ -153,7 +246,6 @@ def fit(run: RunConfig, workdir: str, *, resume: bool = False, init_from: str | 
         ckpt.wait()
     finally:
         bar.close()
-        ckpt.close()
         if metrics_f is not None:
             metrics_f.close()
         if tb is not None:
@@ -167,7 +259,7 @@ def sample_from_checkpoint(workdir: str, run: RunConfig, *, prompt: str, max_new
                            temperature: float = 0.7, top_k: int = 40, seed: int = 0, init_from=None) -> str:
     """Restores the latest checkpoint of ``workdir`` on one device and continues ``prompt``."""
     from m1_jax.data import get_tokenizer
-    from m1_jax.generate import generate
+    from m1_jax.generation import generate
 
     cfg = load_model_config(run, init_from)
     one = sharding.make_mesh("data=1", jax.devices()[:1])

@@ -1,8 +1,11 @@
 """Training checkpoints: exact resume (2N straight == N + resume N, bit for bit), restore onto another
-mesh, and a run killed with SIGKILL during an async save resumes from the last complete checkpoint."""
+mesh, a run killed with SIGKILL during an async save resumes from the last complete checkpoint, a resume
+steps past damaged checkpoints and refuses another model or data stream."""
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,11 +78,44 @@ def test_restore_onto_another_mesh(tmp_path):
     assert leaf.sharding.mesh.shape["tensor"] == 2
 
 
-def test_existing_checkpoints_need_resume(tmp_path):
+def damage(step_dir: Path, item: str = "state") -> None:
+    """Truncates the data files of one item of a saved step to half their size, as a failing disk would."""
+    files = list((step_dir / item).glob("ocdbt.process_*/d/*")) if item == "state" else [step_dir / item / "metadata"]
+    assert files and all(f.is_file() for f in files), step_dir
+    for f in files:
+        os.truncate(f, f.stat().st_size // 2)
+
+
+def test_resume_refuses_changes_and_steps_past_damage(tmp_path, caplog):
     corpus = text_corpus(tmp_path)
-    fit(tiny_run(corpus, 2), str(tmp_path / "w"), progress=False)
+    w = tmp_path / "w"
+    first = fit(tiny_run(corpus, 4), str(w), progress=False)  # checkpoints at steps 2 and 4
     with pytest.raises(CheckpointError, match="already holds checkpoints.*--resume"):
-        fit(tiny_run(corpus, 4), str(tmp_path / "w"), progress=False)
+        fit(tiny_run(corpus, 4), str(w), progress=False)
+    (tmp_path / "o").mkdir()
+    other = text_corpus(tmp_path / "o")
+    for field, value, change in [("data.seq_len", 64, "data.seq_len: 32 there, 64 now"),
+                                 ("data.source", str(other), f"data.source: '{corpus}' there, '{other}' now")]:
+        run = tiny_run(corpus, 6)
+        run.set(field, value)
+        with pytest.raises(CheckpointError, match=rf"{w}/checkpoints/4: saved with another data stream \({change}\)"):
+            fit(run, str(w), resume=True, progress=False)
+
+    damage(w / "checkpoints" / "4")
+    with caplog.at_level(logging.WARNING):
+        resumed = fit(tiny_run(corpus, 6), str(w), resume=True, progress=False)
+    assert resumed.start_step == 2 and list(resumed.damaged) == [4]
+    assert re.search(r"checkpoint step 4 is damaged, set aside as .*/4\.damaged: .*/4/state: cannot be restored",
+                     caplog.text)
+    assert resumed.losses[:2] == first.losses[2:]  # the same steps 3, 4 again, from step 2
+    assert sorted(p.name for p in (w / "checkpoints").iterdir()) == ["4", "4.damaged", "6"]
+    assert list(losses_of(w)) == [1, 2, 3, 4, 5, 6]
+
+    damage(w / "checkpoints" / "6", "meta")
+    damage(w / "checkpoints" / "4")
+    with pytest.raises(CheckpointError, match=r"checkpoints: no checkpoint restores: step 6: .*/6/meta: unreadable "
+                                              r"\(.*\); step 4: .*/4/state: cannot be restored"):
+        fit(tiny_run(corpus, 8), str(w), resume=True, progress=False)
 
 
 KILLER = textwrap.dedent("""
