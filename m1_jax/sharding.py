@@ -248,17 +248,3 @@ def shard_model(model, mesh: Mesh | str):
     model = nnx.merge(graphdef, state)
     model.mesh = mesh
     return model
-
-
-def describe_shardings(model) -> str:
-    """One line per parameter: path, shape, logical names, partition spec."""
-    from flax import nnx
-
-    lines = []
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        v = var.get_value()
-        names = var.get_metadata().get("out_sharding")
-        s = getattr(v, "sharding", None)
-        lines.append(f"{'.'.join(map(str, path)):60s} {str(tuple(v.shape)):24s} {names} "
-                     f"{getattr(s, 'spec', None)}")
-    return "\n".join(lines)

@@ -60,9 +60,7 @@ def softmax_attention(q, k, v):
 
 def make_fns(impl, block, slopes):
     if impl == "softmax":
-
-        def fwd(q, k, v):
-            return softmax_attention(q, k, v)
+        fwd = softmax_attention
     else:
         kw = dict(impl=impl.split("-")[0], block_size=block or 256)
 
