@@ -27,7 +27,8 @@ __all__ = ["lightning_chunked", "block_terms"]
 _HI = jax.lax.Precision.HIGHEST
 
 
-def block_terms(pos, run, s):
+def block_terms(pos: jax.Array, run: jax.Array,
+                s: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Decay factors of one block.
 
     pos, run: float32 [Bm, C]; s: float32 [H]. Returns M [Bm, H, C, C],
@@ -50,8 +51,13 @@ def block_terms(pos, run, s):
     return m, a, g, c
 
 
-def lightning_chunked(q, k, v, slopes, initial_state, segment_ids, block_size, remat=True):
-    """Chunked form with lax.scan over blocks. Returns (o float32, final_state)."""
+def lightning_chunked(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, initial_state: jax.Array,
+                      segment_ids: jax.Array | None, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """Chunked form with lax.scan over blocks. Shapes as in `lightning_attention` (initial_state not None).
+
+    Each block's step is rematerialised in the backward pass: only the state entering each block is kept.
+    Returns (o float32 [B, T, H, Dv], final_state float32 [B, H, Dk, Dv]).
+    """
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     cb = block_size
@@ -66,6 +72,7 @@ def lightning_chunked(q, k, v, slopes, initial_state, segment_ids, block_size, r
         x = jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
         return x.reshape(b, nb, cb, h, x.shape[-1]).transpose(1, 0, 3, 2, 4)
 
+    @jax.checkpoint
     def step(state, xs):
         qb, kb, vb, pb, rb = xs
         m, a, g, c = block_terms(pb, rb, s)
@@ -79,8 +86,6 @@ def lightning_chunked(q, k, v, slopes, initial_state, segment_ids, block_size, r
         state = g[..., None, None] * state + jnp.einsum("bhid,bhie->bhde", kf * c[..., None], vf, precision=_HI)
         return state, o
 
-    if remat:
-        step = jax.checkpoint(step)
     xs = (blocks(q), blocks(k), blocks(v), jnp.moveaxis(pos, 1, 0), jnp.moveaxis(run, 1, 0))
     state, o = jax.lax.scan(step, initial_state.astype(jnp.float32), xs)
     o = o.transpose(1, 0, 3, 2, 4).reshape(b, tp, h, dv)[:, :t]

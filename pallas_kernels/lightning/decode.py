@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 __all__ = ["lightning_decode_step"]
 
 _HI = jax.lax.Precision.HIGHEST
 
 
-def lightning_decode_step(state, q, k, v, slopes):
+def lightning_decode_step(state: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike,
+                          slopes: ArrayLike) -> tuple[jax.Array, jax.Array]:
     """S' = exp(-s) S + k^T v;  o = q S'.
 
     Args:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from pallas_kernels.lightning.chunked import lightning_chunked
 from pallas_kernels.lightning.reference import lightning_reference
@@ -23,7 +24,8 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def _validate(q, k, v, slopes, initial_state, segment_ids, block_size):
+def _validate(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, initial_state: jax.Array | None,
+              segment_ids: jax.Array | None, block_size: int) -> None:
     if q.ndim != 4:
         raise ValueError(f"lightning_attention: q must be [batch, time, heads, head_dim], got shape {q.shape}")
     if k.shape != q.shape:
@@ -55,7 +57,9 @@ def _validate(q, k, v, slopes, initial_state, segment_ids, block_size):
         raise ValueError(f"lightning_attention: block_size must be a positive int, got {block_size!r}")
 
 
-def lightning_attention(q, k, v, slopes, *, initial_state=None, segment_ids=None, block_size=256, impl="auto"):
+def lightning_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, slopes: ArrayLike, *,
+                        initial_state: ArrayLike | None = None, segment_ids: ArrayLike | None = None,
+                        block_size: int = 256, impl: str = "auto") -> tuple[jax.Array, jax.Array]:
     """Lightning attention (linear attention with per-head exponential decay).
 
     Per batch row and head, with row vectors q_t, k_t, v_t and state S [d_k, d_v]:

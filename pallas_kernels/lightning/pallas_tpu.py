@@ -359,8 +359,18 @@ def _pick_head_tile(heads: int, requested: int | None) -> int:
 
 
 def lightning_pallas(
-    q, k, v, slopes, initial_state, segment_ids, block_size, *, interpret=None, head_tile=None, layout=None
-):
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slopes: jax.Array,
+    initial_state: jax.Array,
+    segment_ids: jax.Array | None,
+    block_size: int,
+    *,
+    interpret: bool | None = None,
+    head_tile: int | None = None,
+    layout: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Pallas lightning attention. Shapes and semantics as `lightning_attention`.
 
     interpret: None picks interpret mode when the default backend is not TPU;

@@ -10,7 +10,8 @@ __all__ = ["lightning_reference"]
 _HI = jax.lax.Precision.HIGHEST
 
 
-def lightning_reference(q, k, v, slopes, initial_state, segment_ids):
+def lightning_reference(q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, initial_state: jax.Array,
+                        segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """lax.scan over tokens in float32. Shapes as in `lightning_attention`.
 
     initial_state: float32 [B, H, Dk, Dv] (not None). segment_ids: [B, T] or None.

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 __all__ = ["block_positions"]
 
 
-def block_positions(segment_ids, time: int, block_size: int):
+def block_positions(segment_ids: jax.Array | None, time: int, block_size: int) -> tuple[jax.Array, jax.Array]:
     """Returns (pos, run), float32 [B or 1, num_blocks, block_size] each."""
     nb = -(-time // block_size)
     tp = nb * block_size
