@@ -11,6 +11,16 @@ import jax
 import jax.numpy as jnp
 
 
+class SamplingArgumentError(ValueError):
+    """A sampling parameter out of range. ``argument`` names it as :meth:`SamplingParams.create` spells it
+    (``temperature``, ``top_k``, ``top_p``); the message is ``f"{argument} {problem}"``."""
+
+    def __init__(self, argument: str, problem: str):
+        super().__init__(f"{argument} {problem}")
+        self.argument = argument
+        self.problem = problem
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0
@@ -22,18 +32,22 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @classmethod
-    def create(cls, *, temperature=0.0, top_k=None, top_p=None, vocab_size: int | None = None) -> "SamplingParams":
-        """Validated parameters; the messages name the argument (CLI flags use the same names)."""
+    def create(cls, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               vocab_size: int | None = None) -> "SamplingParams":
+        """Validated parameters: ``temperature`` >= 0 (0: greedy), ``top_k`` >= 0 (None or 0: off; capped at
+        ``vocab_size``), ``top_p`` in (0, 1] (None or 1: off). The one validation of sampling parameters,
+        for the library and the command line alike: a bad value raises :class:`SamplingArgumentError`
+        naming the argument."""
         try:
             temperature = float(temperature)
         except (TypeError, ValueError):
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}") from None
-        if not temperature >= 0.0 or temperature == float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+            raise SamplingArgumentError("temperature", f"must be a finite number >= 0, got {temperature!r}") from None
+        if not 0.0 <= temperature < float("inf"):
+            raise SamplingArgumentError("temperature", f"must be a finite number >= 0, got {temperature}")
         if top_k is None:
             top_k = 0
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be a positive integer (or None / 0 for off), got {top_k!r}")
+            raise SamplingArgumentError("top_k", f"must be an integer >= 0 (0: off), got {top_k!r}")
         if vocab_size is not None:
             top_k = min(top_k, vocab_size)
         if top_p is None:
@@ -41,9 +55,9 @@ class SamplingParams:
         try:
             top_p = float(top_p)
         except (TypeError, ValueError):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}") from None
+            raise SamplingArgumentError("top_p", f"must be in (0, 1], got {top_p!r}") from None
         if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise SamplingArgumentError("top_p", f"must be in (0, 1], got {top_p}")
         return cls(temperature, top_k, top_p)
 
     def arrays(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from m1_jax.sampling import SamplingParams
+from m1_jax.sampling import SamplingArgumentError, SamplingParams
 
 
 def add_model_arguments(p):
@@ -23,27 +23,26 @@ def add_sampling_arguments(p, max_new_tokens: int):
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help=f"stop after this many new tokens (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0; unused when greedy)")
 
 
 def sampling_params(args, vocab_size: int) -> SamplingParams:
-    """Validated before any model is loaded; messages name the flag."""
+    """The length and sampling flags, validated before any model is loaded; messages name the flag.
+    ``--temperature`` / ``--top-k`` / ``--top-p`` go through :meth:`SamplingParams.create`, as
+    ``m1_jax.generate`` does."""
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.max_len is not None and args.max_len < 1:
         raise ValueError(f"--max-len must be >= 1, got {args.max_len}")
-    return SamplingParams.create(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 vocab_size=vocab_size)
+    try:
+        return SamplingParams.create(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     vocab_size=vocab_size)
+    except SamplingArgumentError as e:  # the flag is the argument's name with dashes
+        raise ValueError(f"--{e.argument.replace('_', '-')} {e.problem}") from None
 
 
 def announce_compile(command: str, what: str) -> None:

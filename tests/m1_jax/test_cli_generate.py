@@ -20,10 +20,11 @@ def run_cli(argv, capsys):
 
 @pytest.mark.parametrize("extra, match", [
     (["--prompt", ""], "--prompt is empty"),
-    (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0, got -1"),
+    (["--prompt", "x", "--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
     (["--prompt", "x", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
     (["--prompt", "x", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
-    (["--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
+    (["--prompt", "x", "--top-k", "-1"], r"--top-k must be an integer >= 0 \(0: off\), got -1"),
     (["--prompt-ids", "1,2,512"], "token id 512 is outside the vocabulary"),
     (["--prompt-ids", "1,x"], "comma-separated integers"),
     (["--prompt", "hello world", "--max-len", "4"], "the prompt has 11 tokens, more than --max-len 4"),
