@@ -130,6 +130,31 @@ def _decays(s, masks):
 # kernels
 
 
+def _carry_in(scr, src):
+    """At the first step of the chunk axis, the carried state scratch ``scr`` starts as ``src``."""
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        scr[...] = src[...]
+
+
+def _carry_out(dst, scr):
+    """At the last step of the chunk axis, the carried state ``scr`` is written to ``dst``."""
+
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _():
+        dst[...] = scr[...]
+
+
+def _heads(cfg: _Cfg, slopes_ref, pos_refs, q_ref, k_ref):
+    """Per head ``j`` of this grid step's head tile: (j, decays (m, a, g, c), q, k) of the chunk."""
+    masks = _chunk_masks(*pos_refs, cfg.block)
+    hb = pl.program_id(1)
+    for j in range(cfg.head_tile):
+        decays = _decays(slopes_ref[hb * cfg.head_tile + j], masks)
+        yield j, decays, _head(q_ref, j, cfg, cfg.dk), _head(k_ref, j, cfg, cfg.dk)
+
+
 def _fwd_kernel(
     slopes_ref, q_ref, k_ref, v_ref, s0_ref, pr_ref, rr_ref, pc_ref, rc_ref, o_ref, st_ref, *rest, cfg: _Cfg, save: bool
 ):
@@ -137,18 +162,8 @@ def _fwd_kernel(
         states_ref, s_scr = rest
     else:
         (s_scr,) = rest
-    hb, ci = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(ci == 0)
-    def _():
-        s_scr[...] = s0_ref[...]
-
-    masks = _chunk_masks(pr_ref, rr_ref, pc_ref, rc_ref, cfg.block)
-    for j in range(cfg.head_tile):
-        s = slopes_ref[hb * cfg.head_tile + j]
-        m, a, g, c = _decays(s, masks)
-        q = _head(q_ref, j, cfg, cfg.dk)
-        k = _head(k_ref, j, cfg, cfg.dk)
+    _carry_in(s_scr, s0_ref)
+    for j, (m, a, g, c), q, k in _heads(cfg, slopes_ref, (pr_ref, rr_ref, pc_ref, rc_ref), q_ref, k_ref):
         v = _head(v_ref, j, cfg, cfg.dv).astype(_F32)
         s_prev = s_scr[j]
         if save:
@@ -157,10 +172,7 @@ def _fwd_kernel(
         o = _mm(scores * m, v) + a * _mm(q.astype(_F32), s_prev)
         _set_head(o_ref, j, cfg, cfg.dv, o)
         s_scr[j] = g * s_prev + _mm_tn(k.astype(_F32) * c, v)
-
-    @pl.when(ci == pl.num_programs(2) - 1)
-    def _():
-        st_ref[...] = s_scr[...]
+    _carry_out(st_ref, s_scr)
 
 
 def _bwd_kernel(
@@ -183,18 +195,8 @@ def _bwd_kernel(
     *,
     cfg: _Cfg,
 ):
-    hb, ci = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(ci == 0)  # the last chunk in time
-    def _():
-        ds_scr[...] = dst_ref[...]
-
-    masks = _chunk_masks(pr_ref, rr_ref, pc_ref, rc_ref, cfg.block)
-    for j in range(cfg.head_tile):
-        s = slopes_ref[hb * cfg.head_tile + j]
-        m, a, g, c = _decays(s, masks)
-        q = _head(q_ref, j, cfg, cfg.dk)
-        k = _head(k_ref, j, cfg, cfg.dk)
+    _carry_in(ds_scr, dst_ref)  # the chunk axis runs backwards in time: this is the last chunk
+    for j, (m, a, g, c), q, k in _heads(cfg, slopes_ref, (pr_ref, rr_ref, pc_ref, rc_ref), q_ref, k_ref):
         qf, kf = q.astype(_F32), k.astype(_F32)
         v = _head(v_ref, j, cfg, cfg.dv).astype(_F32)
         do = _head(do_ref, j, cfg, cfg.dv).astype(_F32)
@@ -206,10 +208,7 @@ def _bwd_kernel(
         _set_head(dk_ref, j, cfg, cfg.dk, _mm_tn(dp, qf) + c * _mm_nt(v, ds))
         _set_head(dv_ref, j, cfg, cfg.dv, _mm_tn(att, do) + c * _mm(kf, ds))
         ds_scr[j] = g * ds + _mm_tn(qf * a, do)
-
-    @pl.when(ci == pl.num_programs(2) - 1)  # the first chunk in time
-    def _():
-        ds0_ref[...] = ds_scr[...]
+    _carry_out(ds0_ref, ds_scr)  # after the first chunk in time
 
 
 # ----------------------------------------------------------------------------
