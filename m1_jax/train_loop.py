@@ -7,7 +7,7 @@ go to ``WORKDIR/tensorboard`` when ``tensorboardX`` or ``torch.utils.tensorboard
 One run at a time per workdir: process 0 holds an exclusive ``flock`` on ``WORKDIR/train.lock`` for the
 whole run (the kernel releases it when the process ends, however it ends), and a second run there
 fails with the holder's pid. A resumed run continues from the newest checkpoint that restores, with
-the same model config and the same data stream (:data:`RESUME_FIXED_FIELDS`).
+the same model config and the same data stream (:data:`m1_jax.run_config.RESUME_FIXED_FIELDS`).
 """
 
 from __future__ import annotations
@@ -32,14 +32,9 @@ from m1_jax import sharding, train
 from m1_jax.checkpoint import Checkpointer, CheckpointError
 from m1_jax.config import M1Config
 from m1_jax.data import make_batches
-from m1_jax.run_config import RunConfig
+from m1_jax.run_config import RunConfig, resume_conflicts
 
 log = logging.getLogger(__name__)
-
-
-# Run-config fields that define the data stream a checkpoint's iterator state walks: a resume must keep them.
-RESUME_FIXED_FIELDS = ("data.source", "data.format", "data.tokenizer", "data.seq_len", "data.shuffle",
-                       "data.seed", "data.max_files")
 
 
 class TrainingError(RuntimeError):
@@ -140,13 +135,7 @@ def check_resumable(meta: dict, where: str, config: dict, run: RunConfig, what: 
     if meta.get("config") != config:
         raise CheckpointError(f"{where}: saved with another model config than {what!r}; resume with the same "
                               "model")
-    saved = meta.get("run") or {}
-    now = run.to_dict()
-    changed = []
-    for dotted in RESUME_FIXED_FIELDS:
-        section, name = dotted.split(".")
-        if name in saved.get(section, {}) and saved[section][name] != now[section][name]:
-            changed.append(f"{dotted}: {saved[section][name]!r} there, {now[section][name]!r} now")
+    changed = resume_conflicts(meta["run"], run) if "run" in meta else []
     if changed:
         raise CheckpointError(f"{where}: saved with another data stream ({'; '.join(changed)}); resume with the "
                               "same values, or start a new --workdir")

@@ -94,8 +94,9 @@ def test_resume_refuses_changes_and_steps_past_damage(tmp_path, caplog):
         fit(tiny_run(corpus, 4), str(w), progress=False)
     (tmp_path / "o").mkdir()
     other = text_corpus(tmp_path / "o")
-    for field, value, change in [("data.seq_len", 64, "data.seq_len: 32 there, 64 now"),
-                                 ("data.source", str(other), f"data.source: '{corpus}' there, '{other}' now")]:
+    for field, value, change in [("data.seq_len", 64, "data.seq_len: 32 when the checkpoint was written, 64 now"),
+                                 ("data.source", str(other),
+                                  f"data.source: '{corpus}' when the checkpoint was written, '{other}' now")]:
         run = tiny_run(corpus, 6)
         run.set(field, value)
         with pytest.raises(CheckpointError, match=rf"{w}/checkpoints/4: saved with another data stream \({change}\)"):
