@@ -60,12 +60,14 @@ class Session:
         self.rendered = 0                      # messages already in the history
         self.cache, self.seen = None, []       # the cache holds history[:len(seen)]
 
-    def reply(self, out=sys.stdout) -> str:
+    def reply(self, out=None) -> str:
+        """Generates, records and prints (to ``out``, default: the current ``sys.stdout``) the next reply."""
         from m1_jax.cache import init_cache
         from m1_jax.chat import GENERATION_PROMPT, parse_reply, render, render_turns
         from m1_jax.generation import stream
         from m1_jax.tokenizer import StreamDecoder, escape_controls
 
+        out = sys.stdout if out is None else out
         if self.history is None:
             history = self.tok.encode(render(self.messages, self.tools))
         else:
