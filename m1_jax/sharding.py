@@ -201,11 +201,19 @@ def state_shardings(state, mesh: Mesh):
 
 # ---------------------------------------------------------------------------------------- activations
 def activate(mesh: Mesh | AbstractMesh | None):
-    """Context in which :func:`constrain` and the MoE / lightning / splash ``shard_map``s use ``mesh``:
-    JAX's own ``jax.sharding.use_abstract_mesh`` (usable inside and outside ``jax.jit``); a no-op for None."""
+    """Context in which :func:`constrain` and the MoE / lightning / splash ``shard_map``s use ``mesh``.
+
+    JAX's own mesh context: ``jax.set_mesh`` for a concrete mesh outside ``jax.jit`` (it also tells JAX the
+    devices, so inputs not yet placed on the mesh work), ``jax.sharding.use_abstract_mesh`` inside ``jax.jit``
+    (where only the abstract mesh may be set) or for an abstract mesh; a no-op for None."""
     if mesh is None:
         return contextlib.nullcontext()
-    return jax.sharding.use_abstract_mesh(mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh)
+    if isinstance(mesh, Mesh):
+        try:
+            return jax.set_mesh(mesh)
+        except ValueError:  # raised inside jax.jit, where only the abstract mesh can be set
+            mesh = mesh.abstract_mesh
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def active_mesh() -> AbstractMesh | None:

@@ -103,11 +103,11 @@ def test_moe_module_under_mesh_and_aux_loss():
 
     @jax.jit
     def run(state, x):
-        with sharding.activate(mesh):
-            return nnx.merge(graphdef, state)(x)
+        return nnx.merge(graphdef, state)(x)
 
-    out, logits, aux = run(state, x)
-    assert "shard_map" in str(jax.make_jaxpr(run)(state, x))
+    with sharding.activate(mesh):  # JAX's mesh context, set around the jit call
+        out, logits, aux = run(state, x)
+        assert "shard_map" in str(jax.make_jaxpr(run)(state, x))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=TOL, atol=TOL)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=TOL, atol=TOL)
     np.testing.assert_allclose(float(aux), float(ref_aux), rtol=TOL)
