@@ -1,5 +1,5 @@
-"""``from_pretrained``: a Hugging Face checkpoint directory, or one written by ``m1 convert``, -> a ready
-:class:`M1Model`.
+"""``from_pretrained``: a Hugging Face checkpoint directory, one written by ``m1 convert``, or a checkpoint
+that ``m1 train`` saved -> a ready :class:`M1Model`.
 
 Hugging Face tensors are read one at a time through the key table (:mod:`m1_jax.checkpoint_io.keys`)
 into their slots of the stacked parameters; every slot must be filled exactly once. Weights keep their
@@ -8,7 +8,8 @@ is the compute dtype.
 
 A converted directory already holds the model's own state layout: Orbax restores it into the abstract
 model (:func:`restore_model`); with a mesh, every parameter is read directly into its shards
-(:mod:`m1_jax.sharding` rules), so no host holds a whole parameter.
+(:mod:`m1_jax.sharding` rules), so no host holds a whole parameter. A training checkpoint holds the
+train state of ``(model, optimizer)``: only the model's parameters are restored, the same way.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from tqdm.auto import tqdm
 
 from m1_jax import sharding
 from m1_jax.checkpoint_io import manifest as mf
-from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.errors import CheckpointError, cause_line
+from m1_jax.checkpoint_io.locate import CONVERTED, MODEL_ITEM, TRAINING, Checkpoint, locate
 from m1_jax.checkpoint_io.plan import plan_checkpoint
 from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
 from m1_jax.config import M1Config
+from m1_jax.convert import integrity
+from m1_jax.convert import orbax_writer as ow
 from m1_jax.model import M1Model, abstract_model
 
 log = logging.getLogger(__name__)
@@ -59,30 +63,56 @@ def load_state(cfg: M1Config, ckpt: SafetensorsCheckpoint, abstract: M1Model, *,
     return buffers
 
 
-def restore_state(path: str, cfg: M1Config, abstract: M1Model, mesh=None) -> nnx.State:
-    """The abstract model's state filled from the converted directory's ``path/state`` (on ``mesh``
-    when given: a :class:`jax.sharding.Mesh` or a spec, each device reading only its shards)."""
-    state = nnx.state(abstract)
-    mesh = sharding.as_mesh(mesh)
+def _target(state: nnx.State, cfg: M1Config, mesh) -> nnx.State:
+    """``state`` as ShapeDtypeStructs carrying the restore's target shardings: over ``mesh`` by the
+    sharding rules (each device then reads only its shards), else on the first device."""
     if mesh is not None:
         sharding.check_mesh(cfg, mesh)
         shardings = sharding.state_shardings(state, mesh)
     else:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, state)
-    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(path, mf.STATE_DIR), target)
+    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
+
+
+def _orbax_restore(state_dir: str, restore):
+    """Runs ``restore()`` (an Orbax restore of ``state_dir``), its errors as one line naming the directory
+    and the innermost cause (TensorStore names the file)."""
+    ow.read_metadata(state_dir)  # a missing or damaged tree record is named before Orbax reads it
+    try:
+        return restore()
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds for unreadable data
+        raise CheckpointError(f"{state_dir}: cannot be restored ({cause_line(e)})") from None
+
+
+def restore_state(path: str, cfg: M1Config, abstract: M1Model, mesh=None) -> nnx.State:
+    """The abstract model's state filled from the converted directory's ``path/state`` (on ``mesh``
+    when given: a :class:`jax.sharding.Mesh` or a spec, each device reading only its shards)."""
+    target = _target(nnx.state(abstract), cfg, sharding.as_mesh(mesh))
+
+    def restore():
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(os.path.join(path, mf.STATE_DIR), target)
+
+    return _orbax_restore(os.path.join(path, mf.STATE_DIR), restore)
 
 
 def restore_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, mesh=None,
-                  require_complete: bool = True, **model_kw) -> M1Model:
+                  require_complete: bool = True, verify: bool = False, **model_kw) -> M1Model:
     """Loads a directory written by ``m1 convert``. ``param_dtype`` defaults to the converted dtype;
     ``require_complete=False`` also reads an unfinished conversion (``m1 convert --verify`` does, before
-    the directory is marked complete)."""
+    the directory is marked complete).
+
+    Every chunk file must be present at its size (a damaged one is named); ``verify`` also compares
+    every array with the CRC-32C checksums the conversion recorded (reading the checkpoint once more)."""
     path, mesh = os.fspath(path), sharding.as_mesh(mesh)
     record = mf.check_loadable(path) if require_complete else mf.read_record(path)
     cfg = M1Config.from_json(os.path.join(path, "config.json"))
+    state_dir = os.path.join(path, mf.STATE_DIR)
+    meta = ow.read_metadata(state_dir)
+    integrity.check_chunk_files(state_dir, integrity.param_names(cfg), meta)
+    if verify:
+        integrity.check_checksums(path, cfg, meta)
     param_dtype = jnp.dtype(record["dtype"]) if param_dtype is None else param_dtype
     abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **model_kw)
     graphdef, _ = nnx.split(abstract)
@@ -92,23 +122,55 @@ def restore_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=Non
     return model
 
 
+def restore_trained(ckpt: Checkpoint, *, dtype=jnp.float32, param_dtype=None, mesh=None, **model_kw) -> M1Model:
+    """The model of a training checkpoint (:func:`m1_jax.checkpoint_io.locate.locate`): only its
+    parameters are read (Orbax partial restore of the train state's model subtree; the optimizer
+    moments stay on disk), straight into their shardings on ``mesh`` when given.
+    ``param_dtype`` defaults to the run's (``model.param_dtype``, float32 master weights)."""
+    cfg = ckpt.config()
+    if param_dtype is None:
+        run_model = (ckpt.meta.get("run") or {}).get("model") or {}
+        param_dtype = jnp.dtype(run_model.get("param_dtype", "float32"))
+    mesh = sharding.as_mesh(mesh)
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **model_kw)
+    graphdef, state = nnx.split(abstract)
+    target = {MODEL_ITEM: nnx.to_pure_dict(_target(state, cfg, mesh))}
+
+    def restore():
+        with ocp.PyTreeCheckpointer() as ckptr:
+            return ckptr.restore(ckpt.state_dir, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+
+    restored = _orbax_restore(ckpt.state_dir, restore)
+    nnx.replace_by_pure_dict(state, restored[MODEL_ITEM])
+    model = nnx.merge(graphdef, state)
+    model.mesh = mesh
+    return model
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, progress: bool = False,
-                    mesh=None, **model_kw) -> M1Model:
-    """Loads a MiniMax-M1 checkpoint directory (config.json + safetensors, single file or sharded,
-    original or transformers-5 key names), or a directory written by ``m1 convert`` (restored by Orbax,
-    :func:`restore_model`), into an :class:`M1Model`.
+                    mesh=None, verify: bool = False, **model_kw) -> M1Model:
+    """Loads a MiniMax-M1 checkpoint into an :class:`M1Model`: a Hugging Face directory (config.json +
+    safetensors, single file or sharded, original or transformers-5 key names), a directory written by
+    ``m1 convert`` (restored by Orbax, :func:`restore_model`), or a checkpoint that ``m1 train`` saved:
+    the run's workdir (its latest step) or one step directory ``WORKDIR/checkpoints/N``
+    (:func:`restore_trained`).
 
     ``dtype``: compute dtype (float32 logits either way). ``param_dtype``: storage dtype, default as
     stored in the checkpoint. ``mesh``: a :class:`jax.sharding.Mesh` or a spec such as
     ``"data=1,fsdp=2,expert=2,tensor=2"`` (:mod:`m1_jax.sharding`): each device then receives only its
-    shards of every parameter and the model runs sharded. Other keyword arguments go to
-    :class:`M1Model` (``moe_impl``, ...).
+    shards of every parameter and the model runs sharded. ``verify``: also check every array of an
+    ``m1 convert`` output against the CRC-32C checksums its conversion recorded (the other kinds
+    record none; every kind's files are checked for presence and size as they are read). Other
+    keyword arguments go to :class:`M1Model` (``moe_impl``, ...).
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    if mf.is_converted(path):  # an `m1 convert` output: Orbax restores it straight into the model's layout
-        return restore_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **model_kw)
+    found = locate(path)
+    if found.kind == CONVERTED:  # an `m1 convert` output: Orbax restores it straight into the model's layout
+        return restore_model(found.directory, dtype=dtype, param_dtype=param_dtype, mesh=mesh, verify=verify,
+                             **model_kw)
+    if found.kind == TRAINING:
+        return restore_trained(found, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **model_kw)
+    path = found.directory
     cfg = M1Config.from_json(os.path.join(path, "config.json"))
     ckpt = SafetensorsCheckpoint(path)
     if param_dtype is None:

@@ -3,8 +3,10 @@
 ``m1_checkpoint.json``: what the directory holds (layout version, key-table digest, source, dtype,
 config and source fingerprints), written before any array so a rerun with other options or another
 model is refused. ``convert_manifest.jsonl``: one line per finished source tensor with the CRC-32C
-checksums of what was written (``--resume`` skips those). ``COMPLETE``: written last; a loader refuses a
-directory without it.
+checksums of what was written (``--resume`` skips those). ``COMPLETE``: written last, atomically (a
+temporary file, synced, then renamed), holding :data:`COMPLETE_TEXT`; a loader refuses a directory without
+it, and a marker with other contents (what a crash or a full disk leaves of one written in place) counts
+as absent.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import google_crc32c
 import numpy as np
 
+from m1_jax.checkpoint_io import files
 from m1_jax.checkpoint_io import keys as key_table
 from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.config import M1Config
@@ -28,6 +31,7 @@ FORMAT = "m1-jax-orbax"
 RECORD_FILE = "m1_checkpoint.json"
 MANIFEST_FILE = "convert_manifest.jsonl"
 COMPLETE_FILE = "COMPLETE"
+COMPLETE_TEXT = "conversion complete\n"
 STATE_DIR = "state"  # the Orbax PyTree checkpoint inside the directory
 
 
@@ -68,16 +72,23 @@ _MUST_MATCH = ("format", "layout_version", "key_table", "dtype", "source_fingerp
 
 def read_record(path: str) -> dict | None:
     try:
-        with open(os.path.join(path, RECORD_FILE)) as f:
-            return json.load(f)
+        return files.read_json(os.path.join(path, RECORD_FILE))
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{os.path.join(path, RECORD_FILE)}: unreadable ({e})") from None
 
 
 def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, COMPLETE_FILE))
+    """Whether ``path`` holds a whole ``COMPLETE`` marker (an empty or cut-short one does not count)."""
+    try:
+        with open(os.path.join(path, COMPLETE_FILE), "rb") as f:
+            return f.read(len(COMPLETE_TEXT) + 1) == COMPLETE_TEXT.encode()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+
+
+def mark_complete(path: str) -> None:
+    """Writes the ``COMPLETE`` marker atomically: either the whole marker is there afterwards, or none."""
+    files.write_atomic(os.path.join(path, COMPLETE_FILE), COMPLETE_TEXT)
 
 
 def is_converted(path: str) -> bool:
@@ -95,7 +106,7 @@ def check_loadable(path: str) -> dict:
     if record is None:
         raise CheckpointError(f"{path}: no {RECORD_FILE}; not a checkpoint written by `m1 convert`")
     if not is_complete(path):
-        raise IncompleteCheckpointError(f"{path}: the conversion did not finish (no {COMPLETE_FILE}); "
+        raise IncompleteCheckpointError(f"{path}: the conversion did not finish (no whole {COMPLETE_FILE} marker); "
                                         "rerun `m1 convert ... --resume`")
     if record.get("format") != FORMAT or record.get("layout_version") != LAYOUT_VERSION:
         raise CheckpointError(f"{path}/{RECORD_FILE}: layout {record.get('format')} v{record.get('layout_version')}, "
@@ -104,15 +115,6 @@ def check_loadable(path: str) -> dict:
         raise CheckpointError(f"{path}/{RECORD_FILE}: written with key table {record.get('key_table')}, this "
                               f"code has {key_table_digest()}; reconvert from the source")
     return record
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Manifest:
@@ -125,7 +127,6 @@ class Manifest:
 
     def __init__(self, path: str, interval: float = 30.0):
         self.file = os.path.join(path, MANIFEST_FILE)
-        self.done: dict[str, list[int]] = {}
         self.interval = interval
         if os.path.isfile(self.file):
             with open(self.file, "rb") as f:
@@ -134,9 +135,7 @@ class Manifest:
             if whole != data:  # a line cut short by a kill: drop it (that tensor is redone)
                 with open(self.file, "wb") as f:
                     f.write(whole)
-            for line in whole.decode().splitlines():
-                row = json.loads(line)
-                self.done[row["key"]] = row[CHECKSUM]
+        self.done = read_manifest(path)
         self._pending: list[str] = []
         self._last = time.monotonic()
 
@@ -157,8 +156,33 @@ class Manifest:
             os.fsync(f.fileno())
         self._pending = []
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, *, failed: bool = False) -> None:
+        """Records the finished tensors. ``failed``: the conversion is stopping on an error, which a
+        failure to record (e.g. the same full disk) must not hide; those tensors are redone on resume."""
+        try:
+            self.flush()
+        except OSError:
+            if not failed:
+                raise
+
+
+def read_manifest(path: str) -> dict[str, list[int]]:
+    """``{source key: [CRC-32C per placement]}`` of the finished tensors recorded in ``path``'s manifest
+    (complete lines only: a line a kill cut short is not a record)."""
+    file = os.path.join(path, MANIFEST_FILE)
+    try:
+        with open(file, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return {}
+    done = {}
+    for i, line in enumerate(data[: data.rfind(b"\n") + 1].decode(errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            done[row["key"]] = [int(c) for c in row[CHECKSUM]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{file}: line {i} is not a record of a finished tensor ({e})") from None
+    return done
 
 
 def sync_filesystem(path: str) -> None:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from m1_jax.sampling import SamplingArgumentError, SamplingParams
 
 
 def add_model_arguments(p):
-    p.add_argument("checkpoint", help="checkpoint directory: Hugging Face (config.json + safetensors) or an "
-                                      "'m1 convert' output (Orbax)")
+    p.add_argument("checkpoint", help="checkpoint directory: Hugging Face (config.json + safetensors), an "
+                                      "'m1 convert' output (Orbax), or an 'm1 train' workdir (its latest step) "
+                                      "or step directory WORKDIR/checkpoints/N")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's; byte-level for "
-                                                     "vocabularies <= 1024)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a directory holding tokenizer.json, the file itself, or 'byte' (default: the "
+                        "checkpoint's: its tokenizer.json, a training run's data.tokenizer; byte-level for "
+                        "vocabularies <= 1024)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every array of an 'm1 convert' output against the checksums its conversion "
+                        "recorded before using it (reads the checkpoint once more)")
     p.add_argument("--max-len", type=int, default=None,
                    help="cache length in tokens (default: prompt + --max-new-tokens; chat: 4096)")
     p.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk length (bounds prefill memory)")
@@ -50,21 +55,16 @@ def announce_compile(command: str, what: str) -> None:
     print(f"m1 {command}: compiling the model for {what} (first call only) ...", file=sys.stderr, flush=True)
 
 
-def check_checkpoint(path: str) -> None:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-
-
 def load_config_and_tokenizer(args):
     """(config, tokenizer) of ``args.checkpoint``: cheap, so that bad input fails before the weights load."""
-    from m1_jax.config import M1Config
-    from m1_jax.tokenizer import load_tokenizer
+    # imported here: the config and tokenizer load without JAX, which only load_model brings in
+    from m1_jax.checkpoint_io.locate import BYTE_TOKENIZER, locate
+    from m1_jax.tokenizer import ByteTokenizer, load_tokenizer
 
-    check_checkpoint(args.checkpoint)
-    cfg = M1Config.from_json(os.path.join(args.checkpoint, "config.json"))
-    return cfg, load_tokenizer(args.tokenizer or args.checkpoint, cfg.vocab_size)
+    ckpt = locate(args.checkpoint)
+    cfg = ckpt.config()
+    spec = args.tokenizer or ckpt.tokenizer
+    return cfg, ByteTokenizer(cfg.vocab_size) if spec == BYTE_TOKENIZER else load_tokenizer(spec, cfg.vocab_size)
 
 
 def load_model(args):
@@ -72,4 +72,5 @@ def load_model(args):
 
     from m1_jax.loading import from_pretrained
 
-    return from_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    return from_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+                           verify=args.verify)

@@ -12,6 +12,9 @@ time (:mod:`m1_jax.convert.transpose`) and writes each piece as a chunk file of 
 (:mod:`m1_jax.convert.orbax_writer`). Host memory is bounded by
 :class:`~m1_jax.checkpoint_io.buffers.BufferPool` (two of the largest tensors' buffers), whatever the depth
 or the number of workers.
+
+A full disk stops the conversion with one line saying so; what was written stays, and the same command
+with ``--resume`` finishes the conversion once there is room. ``COMPLETE`` is written last, atomically.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm.auto import tqdm
 
+from m1_jax.checkpoint_io import files
 from m1_jax.checkpoint_io import keys as key_table
 from m1_jax.checkpoint_io import manifest as mf
 from m1_jax.checkpoint_io.buffers import PAGE, BufferPool
-from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.errors import CheckpointError, is_disk_full
 from m1_jax.checkpoint_io.sources import open_source
 from m1_jax.config import M1Config
 from m1_jax.convert import orbax_writer as ow
@@ -199,7 +203,22 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     jobs = plan_all(cfg, src, tgts)  # every bad input fails here, before DST is touched
     record = mf.make_record(cfg, src, src_path, dtype_name)
     prepare_destination(dst, record, resume)
-    mf.write_json_atomic(os.path.join(dst, mf.RECORD_FILE), record)
+    try:
+        return _convert_into(dst, src, src_path, cfg, tgts, jobs, record, verify=verify, mesh=mesh,
+                             progress=progress, workers=workers or default_workers())
+    except (OSError, ValueError) as e:
+        if not is_disk_full(e):
+            raise
+        size = sum(int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize for t in tgts.values())
+        raise CheckpointError(f"{dst}: no space left on the device (the conversion needs "
+                              f"{tqdm.format_sizeof(size, 'B', 1024)} in all); free some, then run the same "
+                              "command with --resume to finish it") from None
+
+
+def _convert_into(dst: str, src, src_path: str, cfg: M1Config, tgts, jobs, record: dict, *, verify: bool, mesh,
+                  progress: bool, workers: int) -> dict:
+    """Writes the conversion into the prepared ``dst``, skipping the tensors its manifest records."""
+    files.write_json_atomic(os.path.join(dst, mf.RECORD_FILE), record)
     shutil.copyfile(os.path.join(src_path, "config.json"), os.path.join(dst, "config.json"))
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src_path, name)):
@@ -213,18 +232,17 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     todo = [(k, pls) for k, pls in jobs if k not in manifest.done]
     bar = tqdm(total=sum(sizes.values()), initial=sum(sizes.values()) - sum(sizes[k] for k, _ in todo), unit="B",
                unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress, dynamic_ncols=True)
+    failed = True
     try:
-        _write_all(src, arrays, tgts, todo, manifest, workers or default_workers(), bar, len(jobs))
+        _write_all(src, arrays, tgts, todo, manifest, workers, bar, len(jobs))
+        failed = False
     finally:
         bar.close()
-        manifest.close()
+        manifest.close(failed=failed)  # records what finished; a second failure does not hide the first
     ow.write_metadata(state_dir, ow.param_entries({p: t.shape for p, t in tgts.items()}))
-    summary = {"tensors": len(jobs), "bytes": sum(sizes.values()), "dtype": dtype_name, "dst": dst}
+    summary = {"tensors": len(jobs), "bytes": sum(sizes.values()), "dtype": record["dtype"], "dst": dst}
     if verify:
         summary["verify"] = verify_conversion(src_path, dst, mesh=mesh, progress=progress)
     mf.sync_filesystem(state_dir)
-    with open(os.path.join(dst, mf.COMPLETE_FILE), "w") as f:
-        f.write("conversion complete\n")
-        f.flush()
-        os.fsync(f.fileno())
+    mf.mark_complete(dst)
     return summary

@@ -1,9 +1,13 @@
-"""``m1 export``: a converted Orbax checkpoint -> Hugging Face safetensors shards with the original names.
+"""``m1 export``: a converted Orbax checkpoint, or a trained model (an ``m1 train`` checkpoint) -> Hugging
+Face safetensors shards with the original names.
 
 Streaming like the conversion: each checkpoint tensor (one slot of a stacked parameter) is read from
 its Orbax array region, put back into PyTorch layout (:func:`m1_jax.checkpoint_io.keys.to_checkpoint_layout`)
 and appended to the current shard, whose header was written first from the shapes alone. Shards are
-written under temporary names and renamed; ``model.safetensors.index.json`` is written last.
+written under temporary names and renamed; ``model.safetensors.index.json`` is written last. A converted
+checkpoint is checked as it is read: its chunk files first (all there, at their sizes), then each
+region's CRC-32C against the one its conversion recorded (:mod:`m1_jax.convert.integrity`). A training
+checkpoint exports the model's parameters of its train state, in their stored dtype.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import shutil
 import numpy as np
 from tqdm.auto import tqdm
 
+from m1_jax.checkpoint_io import files
 from m1_jax.checkpoint_io import keys as key_table
 from m1_jax.checkpoint_io import manifest as mf
-from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.errors import CheckpointError, cause_line, is_disk_full
+from m1_jax.checkpoint_io.locate import BYTE_TOKENIZER, CONVERTED, MODEL_ITEM, TRAINING, locate
 from m1_jax.checkpoint_io.safetensors_io import DTYPE_NAMES, INDEX_NAME
 from m1_jax.config import M1Config
+from m1_jax.convert import integrity
 from m1_jax.convert import orbax_writer as ow
-from m1_jax.convert.layout import TOKENIZER_FILES, targets
+from m1_jax.convert.layout import TOKENIZER_FILES
 from m1_jax.convert.transpose import contiguous_into
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -69,43 +76,122 @@ def _header(entries) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
+def _source(ckpt: str):
+    """``(cfg, state dir, _METADATA, {path: array name}, checksum regions or None, config.json text,
+    tokenizer files)`` of an ``m1 convert`` output or an ``m1 train`` checkpoint."""
+    src = locate(ckpt)
+    if src.kind == CONVERTED:
+        mf.check_loadable(src.directory)
+        cfg = src.config()
+        names = integrity.param_names(cfg)
+        meta = ow.read_metadata(src.state_dir)
+        integrity.check_chunk_files(src.state_dir, names, meta)
+        regions = integrity.recorded_regions(src.directory, cfg)
+        with open(os.path.join(src.directory, "config.json")) as f:
+            config_text = f.read()
+        tokenizer_dir = src.directory
+    elif src.kind == TRAINING:
+        cfg = src.config()
+        names = {p: ".".join((MODEL_ITEM, *map(str, p))) for p in key_table.param_layout(cfg)}
+        meta, regions = ow.read_metadata(src.state_dir), None
+        config_text = json.dumps(src.meta["config"], indent=1)
+        tokenizer_dir = None if src.tokenizer == BYTE_TOKENIZER else src.tokenizer
+    else:
+        raise CheckpointError(f"{ckpt}: a Hugging Face checkpoint already; `m1 export` takes an `m1 convert` "
+                              "output or an `m1 train` workdir")
+    tok_files = {}
+    if tokenizer_dir is not None and os.path.isfile(tokenizer_dir):  # a run's tokenizer.json itself
+        tok_files["tokenizer.json"] = tokenizer_dir
+    elif tokenizer_dir is not None:
+        tok_files = {f: os.path.join(tokenizer_dir, f) for f in TOKENIZER_FILES
+                     if os.path.isfile(os.path.join(tokenizer_dir, f))}
+    return cfg, src.state_dir, meta, names, regions, config_text, tok_files
+
+
+def _open_arrays(state_dir: str, meta: dict, names: dict[tuple, str], cfg: M1Config) -> dict:
+    tree = {".".join(k["key"] for k in v.get("key_metadata", [])) for v in meta["tree_metadata"].values()}
+    arrays = {}
+    for p, (shape, _) in key_table.param_layout(cfg).items():
+        if names[p] not in tree:
+            raise CheckpointError(f"{state_dir}: holds no parameter {names[p]} (not a checkpoint of this model)")
+        try:
+            arrays[p] = ow.open_array(state_dir, names[p], meta)
+        except ValueError as e:
+            raise CheckpointError(f"{state_dir}/{names[p]}: cannot be opened ({cause_line(e)})") from None
+        if tuple(arrays[p].shape) != shape:
+            raise CheckpointError(f"{state_dir}/{names[p]}: shape {list(arrays[p].shape)}, config.json gives "
+                                  f"{list(shape)}")
+    return arrays
+
+
 def export(ckpt: str, dst: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict:
-    """Writes ``dst`` (safetensors shards + index + config.json + tokenizer files) from ``ckpt``."""
+    """Writes ``dst`` (safetensors shards + index + config.json + tokenizer files) from ``ckpt``: an
+    ``m1 convert`` output (every array checked against its recorded checksums as it is read) or an
+    ``m1 train`` workdir (its latest step) or step directory.
+
+    ``dst`` must be new or empty; on any failure (a damaged checkpoint, a full disk) what this export
+    wrote is removed again, so nothing half-written is left."""
     ckpt, dst = os.fspath(ckpt), os.fspath(dst)
-    record = mf.check_loadable(ckpt)
+    cfg, state_dir, meta, names, regions, config_text, tok_files = _source(ckpt)
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise CheckpointError(f"{dst}: exists and is not empty; choose a new export directory")
-    cfg = M1Config.from_json(os.path.join(ckpt, "config.json"))
-    tgts = targets(cfg, record["dtype"])
-    state_dir = os.path.join(ckpt, mf.STATE_DIR)
-    meta = ow.read_metadata(state_dir)
-    arrays = {p: ow.open_array(state_dir, t.name, meta) for p, t in tgts.items()}
+    arrays = _open_arrays(state_dir, meta, names, cfg)
+    tracker = None if regions is None else integrity.ChecksumTracker(regions, cfg, state_dir, names)
     placements = {}
     entries = []
     for key, pl in key_table.canonical_keys(cfg):
-        arr = arrays[pl.path]
-        if tuple(arr.shape) != tgts[pl.path].shape:
-            raise CheckpointError(f"{state_dir}/{tgts[pl.path].name}: shape {list(arr.shape)}, config.json "
-                                  f"gives {list(tgts[pl.path].shape)}")
         placements[key] = pl
-        entries.append((key, pl.hf_shape, np.dtype(arr.dtype.numpy_dtype)))
+        entries.append((key, pl.hf_shape, np.dtype(arrays[pl.path].dtype.numpy_dtype)))
     order = {k: i for i, (k, _, _) in enumerate(entries)}
     entries.sort(key=lambda e: (_layer_of(e[0]), order[e[0]]))
     shards = _shards(entries, max_shard_bytes)
-    n = len(shards)
-    os.makedirs(dst, exist_ok=True)
-    weight_map, total = {}, sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in entries)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export", disable=not progress,
-               dynamic_ncols=True)
+    total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in entries)
+    created = not os.path.exists(dst)
+    written: list[str] = []
     try:
+        os.makedirs(dst, exist_ok=True)
+        weight_map = _write_shards(dst, shards, placements, arrays, tracker, state_dir, names, written,
+                                   total, progress)
+        if tracker is not None:
+            tracker.finish()
+        written.append(os.path.join(dst, "config.json"))
+        files.write_atomic(written[-1], config_text)
+        for fname, path in tok_files.items():
+            written.append(os.path.join(dst, fname))
+            shutil.copyfile(path, written[-1])
+        written.append(os.path.join(dst, INDEX_NAME))
+        files.write_json_atomic(written[-1], {"metadata": {"total_size": total}, "weight_map": weight_map})
+    except BaseException as e:
+        _remove(dst, written, created)
+        if is_disk_full(e):
+            raise CheckpointError(f"{dst}: no space left on the device; the export needs "
+                                  f"{tqdm.format_sizeof(total, 'B', 1024)} there (what it wrote is removed again)"
+                                  ) from None
+        raise
+    return {"tensors": len(entries), "bytes": total, "shards": len(shards), "dst": dst}
+
+
+def _write_shards(dst, shards, placements, arrays, tracker, state_dir, names, written, total, progress) -> dict:
+    """Writes the safetensors shards (each under a temporary name, renamed when whole); returns the
+    weight map. ``written`` collects every path created (for the cleanup after a failure)."""
+    weight_map, n = {}, len(shards)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export", disable=not progress,
+              dynamic_ncols=True) as bar:
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             tmp = os.path.join(dst, name + ".partial")
+            written.append(tmp)
             with open(tmp, "wb") as f:
                 f.write(_header(shard))
                 for key, shape, dtype in shard:
                     pl = placements[key]
-                    value = arrays[pl.path][pl.slot].read().result()
+                    try:
+                        value = arrays[pl.path][pl.slot].read().result()
+                    except ValueError as e:  # TensorStore: a data file it cannot read
+                        raise CheckpointError(f"{state_dir}/{names[pl.path]}{list(pl.slot)} ('{key}'): "
+                                              f"unreadable ({cause_line(e)})") from None
+                    if tracker is not None:
+                        tracker.add(pl.path, pl.slot, value)
                     out = contiguous_into(key_table.to_checkpoint_layout(pl, value))
                     if out.shape != tuple(shape) or out.dtype != dtype:
                         raise CheckpointError(f"{key}: exported as {out.dtype}{list(out.shape)}, expected "
@@ -115,12 +201,15 @@ def export(ckpt: str, dst: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
                     bar.update(out.nbytes)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(dst, name))
-    finally:
-        bar.close()
-    for fname in ("config.json",) + TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(ckpt, fname)):
-            shutil.copyfile(os.path.join(ckpt, fname), os.path.join(dst, fname))
-    mf.write_json_atomic(os.path.join(dst, INDEX_NAME),
-                         {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return {"tensors": len(entries), "bytes": total, "shards": n, "dst": dst}
+            written.append(os.path.join(dst, name))
+            os.replace(tmp, written[-1])
+    return weight_map
+
+
+def _remove(dst: str, written: list[str], created: bool) -> None:
+    """Removes what a failed export wrote (and ``dst`` itself when the export created it)."""
+    for path in written:
+        if os.path.exists(path):
+            os.remove(path)
+    if created and os.path.isdir(dst) and not os.listdir(dst):
+        os.rmdir(dst)

@@ -22,7 +22,9 @@ import time
 import numpy as np
 import tensorstore as ts
 
+from m1_jax.checkpoint_io import files
 from m1_jax.checkpoint_io.buffers import PAGE, aligned_empty
+from m1_jax.checkpoint_io.errors import CheckpointError
 
 CHUNK_BYTES = 64 << 20  # target size of one zarr chunk (and of one write)
 METADATA_FILE = "_METADATA"
@@ -94,21 +96,19 @@ def write_metadata(directory: str, entries: list[tuple[tuple, str, list, tuple[i
     ckpt_meta = {"item_handlers": HANDLER, "metrics": {}, "performance_metrics": {},
                  "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now, "custom_metadata": {}}
     for fname, obj in ((METADATA_FILE, meta), (CHECKPOINT_METADATA_FILE, ckpt_meta)):
-        tmp = os.path.join(directory, fname + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, fname))
+        files.write_atomic(os.path.join(directory, fname), json.dumps(obj))
 
 
 def read_metadata(directory: str) -> dict:
+    """The tree record ``_METADATA`` of the Orbax checkpoint in ``directory`` (errors name the file)."""
     path = os.path.join(directory, METADATA_FILE)
     try:
-        with open(path) as f:
-            return json.load(f)
+        meta = files.read_json(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{directory}: not an Orbax checkpoint (no {METADATA_FILE})") from None
+        raise CheckpointError(f"{directory}: not an Orbax checkpoint (no {METADATA_FILE})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tree_metadata"), dict):
+        raise CheckpointError(f"{path}: not an Orbax tree record (no tree_metadata); the file is damaged")
+    return meta
 
 
 def open_array(directory: str, name: str, meta: dict | None = None) -> ts.TensorStore:

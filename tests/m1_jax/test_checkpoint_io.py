@@ -1,5 +1,7 @@
-"""Checkpoint I/O below the model: JAX-free imports, the buffer pool, lazy tensor reads, opening a source."""
+"""Checkpoint I/O below the model: JAX-free imports, the buffer pool, lazy tensor reads, opening a source,
+the complete marker, telling the kinds of checkpoint directory apart."""
 
+import json
 import pkgutil
 import subprocess
 import sys
@@ -11,7 +13,9 @@ import pytest
 
 import m1_jax.checkpoint_io
 from m1_jax.checkpoint_io.buffers import PAGE, BufferPool, aligned_empty
+from m1_jax.checkpoint_io import manifest as mf
 from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.locate import locate
 from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
 from m1_jax.checkpoint_io.sources import open_source
 
@@ -94,3 +98,54 @@ def test_open_source_picks_the_reader_by_the_files(golden_dir, tmp_path):
         open_source(str(tmp_path / "empty"))
     with pytest.raises(CheckpointError, match="nowhere: not a checkpoint directory"):
         open_source(str(tmp_path / "nowhere"))
+
+
+def test_the_complete_marker_counts_only_when_whole(tmp_path):
+    assert not mf.is_complete(str(tmp_path))
+    for text in ("", "conversion comp"):  # what a full disk or a crash leaves of a marker written in place
+        (tmp_path / mf.COMPLETE_FILE).write_text(text)
+        assert not mf.is_complete(str(tmp_path)), text
+    mf.mark_complete(str(tmp_path))
+    assert mf.is_complete(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mf.COMPLETE_FILE]  # no temporary file left
+
+
+def _train_step(workdir, name, tokenizer="byte"):
+    step = workdir / "checkpoints" / name
+    (step / "state").mkdir(parents=True)
+    (step / "meta").mkdir()
+    layers = 2 + len(name)  # tells the steps apart
+    config = {**TINY, "num_hidden_layers": layers, "attn_type_list": [0] * (layers - 1) + [1]}
+    meta = {"config": config, "run": {"data": {"tokenizer": tokenizer}}}
+    (step / "meta" / "metadata").write_text(json.dumps(meta))
+    return step
+
+
+TINY = {"vocab_size": 512, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2, "rotary_dim": 8,
+        "block_size": 16}
+
+
+def test_locate_tells_the_kinds_of_checkpoint_apart(golden_dir, tmp_path):
+    hf = locate(golden_dir / "sharded")
+    assert (hf.kind, hf.directory, hf.tokenizer) == ("huggingface", str(golden_dir / "sharded"),
+                                                      str(golden_dir / "sharded"))
+    w = tmp_path / "run"
+    for name in ("3", "10", "2"):
+        _train_step(w, name)
+    for name in ("11.damaged", "12.orbax-checkpoint-tmp-5"):  # set aside, unfinished: not steps
+        (w / "checkpoints" / name / "meta").mkdir(parents=True)
+    for path in (w, w / "checkpoints"):
+        got = locate(path)
+        assert (got.kind, got.step, got.directory) == ("training", 10, str(w / "checkpoints" / "10")), path
+        assert got.tokenizer == "byte" and got.config().num_hidden_layers == 4
+    got = locate(w / "checkpoints" / "3")
+    assert (got.kind, got.step, got.config().num_hidden_layers) == ("training", 3, 3)
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"fresh/checkpoints: no checkpoint saved yet"):
+        locate(tmp_path / "fresh")
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CheckpointError, match=r"other: not a checkpoint directory: no config.json .* no checkpoints/"):
+        locate(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="nowhere: no such checkpoint directory"):
+        locate(tmp_path / "nowhere")

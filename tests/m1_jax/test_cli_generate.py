@@ -118,3 +118,74 @@ def test_every_option_has_help(command):
     importlib.import_module(f"m1_jax.commands.{command}").add_arguments(parser)
     missing = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert not missing, f"m1 {command}: options without --help text: {missing}"
+
+
+# ----------------------------------------------------------------------------- `m1 train` workdirs
+def test_generate_and_chat_open_a_training_workdir(trained_workdir, monkeypatch, capsys):
+    import m1_jax
+    from m1_jax.tokenizer import escape_controls
+
+    model = m1_jax.from_pretrained(trained_workdir)
+    prompt = ByteTokenizer(512).encode("def ")
+    want = np.asarray(m1_jax.generate(model, [prompt], max_new_tokens=5))[0].tolist()
+    code, out, err = run_cli(["generate", str(trained_workdir), "--prompt", "def ", "--max-new-tokens", "5",
+                              "--ignore-eos"], capsys)
+    assert code == 0, err
+    assert out == escape_controls(ByteTokenizer(512).decode(want)) + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/exit\n"))
+    code, out, err = run_cli(["chat", str(trained_workdir / "checkpoints" / "1"), "--max-new-tokens", "2",
+                              "--max-len", "256"], capsys)
+    assert code == 0 and "error" not in err, err
+    assert "checkpoints/1" in err and out.endswith("\n")
+
+
+def _tokenizer_of(path, tokenizer=None):
+    from m1_jax.commands.runtime import load_config_and_tokenizer
+
+    return load_config_and_tokenizer(argparse.Namespace(checkpoint=str(path), tokenizer=tokenizer))[1]
+
+
+def _set_run_tokenizer(step_dir, value):
+    meta_file = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["run"]["data"]["tokenizer"] = value
+    meta_file.write_text(json.dumps(meta))
+
+
+def test_the_tokenizer_of_a_training_run_is_its_data_tokenizer(trained_workdir, tmp_path, capsys):
+    """`data.tokenizer` of the run config: "byte", or a directory whose tokenizer.json the run used."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    from m1_jax.tokenizer import HFTokenizer
+
+    assert isinstance(_tokenizer_of(trained_workdir), ByteTokenizer)
+    w = tmp_path / "w"
+    shutil.copytree(trained_workdir, w)
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    Tokenizer(models.WordLevel({"[UNK]": 0, "def": 1}, unk_token="[UNK]")).save(str(tok_dir / "tokenizer.json"))
+    _set_run_tokenizer(w / "checkpoints" / "2", str(tok_dir))
+    tok = _tokenizer_of(w)
+    assert isinstance(tok, HFTokenizer) and tok.path == tok_dir / "tokenizer.json"
+    assert isinstance(_tokenizer_of(w, tokenizer="byte"), ByteTokenizer)  # --tokenizer still decides
+    _set_run_tokenizer(w / "checkpoints" / "2", str(tmp_path / "gone"))
+    code, _, err = run_cli(["generate", str(w), "--prompt", "x"], capsys)
+    assert code == 2 and f"{w}/checkpoints/2/meta/metadata: data.tokenizer" in err and "--tokenizer" in err, err
+    code, _, err = run_cli(["generate", str(w / "checkpoints" / "1"), "--prompt", "x", "--max-new-tokens", "0"],
+                           capsys)
+    assert code == 2 and "--max-new-tokens" in err, err  # step 1 still says "byte": past the tokenizer
+
+
+def test_generate_verify_checks_the_recorded_checksums(golden_dir, tmp_path, capsys):
+    from m1_jax.convert.convert import convert
+
+    dst = tmp_path / "bf16"
+    convert(golden_dir / "sharded", dst, progress=False)
+    chunk = dst / "state" / "periods.layers.1.block_sparse_moe.w2.value" / "1.2.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[5] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    code, _, err = run_cli(["generate", str(dst), "--prompt", "x", "--verify"], capsys)
+    assert code == 2 and "periods.layers.1.block_sparse_moe.w2.value[1, 2]" in err and "checksum" in err, err

@@ -82,7 +82,7 @@ def test_layout_is_the_models_state(sharded_dst, golden_dir):
     for names, name, _, leaf in _state_leaves(abstract):
         assert arrays[name].shape == leaf.shape and arrays[name].dtype == leaf.dtype, name
     assert arrays["periods.layers.0.block_sparse_moe.gate.value"].dtype == np.float32  # router stays fp32
-    for f in ("config.json", mf.RECORD_FILE, mf.COMPLETE_FILE):
+    for f in ("config.json", mf.RECORD_FILE, mf.MANIFEST_FILE, mf.COMPLETE_FILE):  # the same checksums hold
         assert (sharded_dst / f).is_file()
 
 
@@ -175,7 +175,7 @@ def test_export_reads_an_orbax_written_state(sharded_dst, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    for f in ("config.json", mf.RECORD_FILE, mf.COMPLETE_FILE):
+    for f in ("config.json", mf.RECORD_FILE, mf.MANIFEST_FILE, mf.COMPLETE_FILE):  # the same checksums hold
         shutil.copyfile(sharded_dst / f, ckpt / f)
     with ocp.StandardCheckpointer() as saver:
         saver.save(ckpt / mf.STATE_DIR, nnx.state(restore_model(sharded_dst)))
@@ -186,3 +186,19 @@ def test_export_reads_an_orbax_written_state(sharded_dst, tmp_path):
     assert a.keys() == b.keys()
     for key in a.keys():
         assert a.read(key).tobytes() == b.read(key).tobytes(), key
+
+
+def test_export_of_a_training_workdir_round_trips(trained_workdir, tmp_path, capsys):
+    """`m1 export WORKDIR OUT` writes the trained model (its latest step) as a Hugging Face checkpoint."""
+    out = tmp_path / "hf"
+    assert main(["export", str(trained_workdir), str(out), "--no-progress", "--max-shard-size", "200KB"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards"] >= 2
+    trained, exported = m1_jax.from_pretrained(trained_workdir), m1_jax.from_pretrained(out)
+    a, b = nnx.to_flat_state(nnx.state(trained, nnx.Param)), nnx.to_flat_state(nnx.state(exported, nnx.Param))
+    assert [p for p, _ in a] == [p for p, _ in b]
+    for (p, x), (_, y) in zip(a, b):
+        assert np.asarray(x.get_value()).tobytes() == np.asarray(y.get_value()).tobytes(), p
+    cfg = json.loads((trained_workdir / "checkpoints" / "2" / "meta" / "metadata").read_text())["config"]
+    assert json.loads((out / "config.json").read_text()) == cfg
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 11), dtype=np.int32))
+    np.testing.assert_array_equal(np.asarray(exported(ids)), np.asarray(trained(ids)))

@@ -1,5 +1,6 @@
 """from_pretrained on damaged copies of the golden sharded (bf16) checkpoint: one clear error each,
-naming the file and the key; derived buffers are ignored."""
+naming the file and the key; derived buffers are ignored. An `m1 train` workdir or one of its steps
+loads the trained parameters (onto a mesh when given); its damaged files are named."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import m1_jax
 from m1_jax import CheckpointError
@@ -152,8 +154,58 @@ def test_derived_buffers_are_ignored(ckpt, golden_dir):
 
 
 def test_not_a_directory_and_no_config(ckpt, tmp_path):
-    with pytest.raises(CheckpointError, match="nowhere: not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="nowhere: no such checkpoint directory"):
         m1_jax.from_pretrained(tmp_path / "nowhere")
     (ckpt / "config.json").unlink()
     with pytest.raises(m1_jax.ConfigError, match=r"config\.json: no such config file"):
         m1_jax.from_pretrained(ckpt)
+
+
+# ----------------------------------------------------------------------------- `m1 train` workdirs
+def params_of(model) -> dict[str, np.ndarray]:
+    return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_a_training_workdir_loads_its_latest_step(trained_workdir):
+    final = dict(np.load(trained_workdir.parent / "final_params.npz"))
+    model = m1_jax.from_pretrained(trained_workdir)
+    got = params_of(model)
+    assert got.keys() == final.keys()
+    for k in final:
+        np.testing.assert_array_equal(got[k], final[k], err_msg=k)
+    assert model.cfg == m1_jax.M1Config.from_dict(
+        json.loads((trained_workdir / "checkpoints" / "2" / "meta" / "metadata").read_text())["config"])
+    step2 = params_of(m1_jax.from_pretrained(trained_workdir / "checkpoints" / "2"))
+    step1 = params_of(m1_jax.from_pretrained(trained_workdir / "checkpoints" / "1", param_dtype=jnp.bfloat16))
+    assert all(np.array_equal(step2[k], final[k]) for k in final)
+    assert step1["embed_tokens"].dtype == jnp.bfloat16
+    assert not np.array_equal(step1["embed_tokens"].astype(np.float32), final["embed_tokens"])  # an earlier step
+
+
+def test_a_training_checkpoint_restores_onto_a_mesh(trained_workdir):
+    model = m1_jax.from_pretrained(trained_workdir, mesh="data=1,fsdp=2,expert=2,tensor=2")
+    w1 = model.periods.layers[0].block_sparse_moe.w1[...]
+    assert len(w1.sharding.device_set) == 8 and w1.addressable_shards[0].data.shape != w1.shape
+    final = np.load(trained_workdir.parent / "final_params.npz")
+    np.testing.assert_array_equal(np.asarray(w1), final["periods/layers/0/block_sparse_moe/w1"])
+    assert model.mesh is not None
+
+
+def test_training_checkpoint_errors_name_the_file(trained_workdir, tmp_path):
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)  # a run that has not saved yet
+    msg = _load_error(tmp_path / "fresh")
+    assert f"{tmp_path}/fresh/checkpoints: no checkpoint saved yet" in msg, msg
+    w = tmp_path / "w"
+    shutil.copytree(trained_workdir, w)
+    (w / "checkpoints" / "2" / "meta" / "metadata").write_text("{")
+    msg = _load_error(w)
+    assert f"{w}/checkpoints/2/meta/metadata: not valid JSON" in msg, msg
+    (w / "checkpoints" / "1" / "state" / "_METADATA").write_text("")
+    msg = _load_error(w / "checkpoints" / "1")
+    assert f"{w}/checkpoints/1/state/_METADATA: not valid JSON" in msg, msg
+    shutil.rmtree(w)
+    shutil.copytree(trained_workdir, w)
+    for f in (w / "checkpoints" / "2" / "state").glob("ocdbt.process_*/d/*"):
+        os.truncate(f, f.stat().st_size // 2)
+    msg = _load_error(w)
+    assert f"{w}/checkpoints/2/state: cannot be restored (" in msg, msg
