@@ -87,10 +87,12 @@ def detect_format(files: Sequence[str], fmt: str) -> str:
 
 @dataclass(frozen=True)
 class Doc:
-    """A reference to one document: a whole file, one JSONL line, or one slice of a token file."""
+    """A reference to one document: a whole file, a window of a text file, one JSONL line, or one slice of
+    a token file."""
     path: str
     index: int = -1  # line number (jsonl) or document number (tokens); -1: the whole file
-    offset: int = -1  # jsonl: byte offset of the line
+    offset: int = -1  # jsonl: byte offset of the line; text windows: byte offset of the window
+    size: int = -1  # text windows: bytes in the window
 
 
 class TokenFiles:
@@ -107,9 +109,14 @@ class TokenFiles:
         return self._files[path]
 
 
-def list_documents(files: Sequence[str], fmt: str, token_files: TokenFiles | None = None) -> list[Doc]:
+def list_documents(files: Sequence[str], fmt: str, token_files: TokenFiles | None = None,
+                   window: int = 0) -> list[Doc]:
+    """The documents of ``files``; with ``window`` > 0 a text file is cut into windows of that many bytes,
+    each a document of its own (the units that are shuffled)."""
     if fmt == "text":
-        return [Doc(f) for f in files]
+        if window <= 0:
+            return [Doc(f) for f in files]
+        return [Doc(f, offset=o, size=window) for f in files for o in range(0, os.path.getsize(f), window)]
     token_files = token_files or TokenFiles()
     docs = []
     for f in files:
@@ -200,7 +207,11 @@ def load_document(doc: Doc, fmt: str, tokenizer,
         return ids, (np.ones_like(ids) if mask is None else np.asarray(mask[s:s + n], np.int32))
     if fmt == "text":
         with open(doc.path, "rb") as f:
-            text = f.read().decode("utf-8", errors="replace")
+            if doc.size >= 0:
+                f.seek(doc.offset)
+            data = f.read(doc.size)
+        # a window may cut a character in two at either end: those bytes are dropped, not replaced
+        text = data.decode("utf-8", errors="ignore" if doc.size >= 0 else "replace")
         ids = np.asarray(tokenizer.encode(text), np.int32)
         return ids, np.ones_like(ids)
     where = f"{doc.path}:{doc.index + 1}"
@@ -279,7 +290,7 @@ class Batches:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.token_files = TokenFiles()
-        docs = list_documents(files, fmt, self.token_files)
+        docs = list_documents(files, fmt, self.token_files, window=cfg.window)
         if len(docs) < shards:
             raise DataError(f"data.source {cfg.source!r}: {len(docs)} documents cannot fill data.shards={shards}")
         self.num_documents = len(docs)

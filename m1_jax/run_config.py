@@ -65,6 +65,7 @@ class DataSection:
     shuffle: bool = True
     seed: int = 0
     max_files: int = 0  # read at most this many files (0 = all)
+    window: int = 0  # text files: cut into windows of this many bytes, shuffled as documents (0 = whole files)
 
 
 @dataclasses.dataclass
@@ -155,6 +156,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "data.shards": _at_least(0),
     "data.seed": _seed,
     "data.max_files": _at_least(0),
+    "data.window": _at_least(0),
     "train.steps": _at_least(1),
     "train.mesh": _mesh,
     "train.checkpoint_every": _at_least(1),
@@ -167,7 +169,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
 # the checkpoint continues. (The model is compared as the resolved config, not by name; data.shards is
 # checked against the iterator state itself; batch size, optimizer, schedule length and mesh may change.)
 RESUME_FIXED_FIELDS = ("data.source", "data.format", "data.tokenizer", "data.seq_len", "data.shuffle",
-                       "data.seed", "data.max_files")
+                       "data.seed", "data.max_files", "data.window")
 
 
 @dataclasses.dataclass

@@ -155,3 +155,27 @@ def test_each_pipeline_reads_token_files_afresh(tmp_path):
     second = next(data.Batches(section(f, shuffle=False, batch_size=1), vocab_size=512))
     assert first["inputs"][0, :3].tolist() == [0, 1, 2]
     assert second["inputs"][0, :3].tolist() == [100, 101, 102]
+
+
+def test_text_windows_are_shuffled_as_documents(tmp_path):
+    """``data.window``: text files are cut into windows of that many bytes, each its own document; with
+    window = seq_len + 1 every row holds one window, taken from anywhere in the corpus."""
+    texts = {f"f{i}.txt": "".join(chr(97 + i) * 7 + "\n" for _ in range(40)) for i in range(5)}  # 320 bytes each
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    files = data.find_files(str(tmp_path))
+    docs = data.list_documents(files, "text", window=100)
+    assert [(d.offset, d.size) for d in docs if d.path.endswith("f0.txt")] == [(0, 100), (100, 100), (200, 100),
+                                                                            (300, 100)]
+    tok = ByteTokenizer(512)
+    ids, mask = data.load_document(docs[1], "text", tok)
+    assert tok.decode(ids.tolist()) == texts["f0.txt"][100:200] and mask.all()
+    T = 32
+    sec = DataSection(source=str(tmp_path), seq_len=T, batch_size=8, window=T + 1, shuffle=True, seed=1)
+    b = next(data.Batches(sec, vocab_size=512))
+    assert np.all(b["segment_ids"] == 1)  # one window per row, no packing across windows
+    letters = {chr(int(r[0])) if chr(int(r[0])) != "\n" else chr(int(r[1])) for r in b["inputs"]}
+    assert len(letters) >= 3  # the rows of one batch come from several files, not one file after another
+    whole = next(data.Batches(DataSection(source=str(tmp_path), seq_len=T, batch_size=8, shuffle=True, seed=1),
+                              vocab_size=512))
+    assert len({chr(int(r[0])) if chr(int(r[0])) != "\n" else chr(int(r[1])) for r in whole["inputs"]}) <= 2

@@ -123,7 +123,7 @@ def test_resume_conflicts_list_the_fixed_fields_that_changed():
     same = load_run_config(None, ["train.steps=600", "optimizer.lr=1e-4", "data.micro_batches=2",
                                   "train.mesh=data=8", "model.remat=full"])
     assert resume_conflicts(saved, same) == []  # longer runs, new hyperparameters, another mesh: fine
-    assert diff_run_configs(saved, same) == {"train.steps": (300, 600), "optimizer.lr": (3e-3, 1e-4),
+    assert diff_run_configs(saved, same) == {"train.steps": (300, 600), "optimizer.lr": (1e-2, 1e-4),
                                              "data.micro_batches": (1, 2), "train.mesh": (saved.train.mesh, "data=8"),
                                              "model.remat": ("none", "full")}
     changed = load_run_config(None, ["data.seq_len=256", "data.source=corpus.jsonl", "train.steps=600"])
