@@ -31,6 +31,9 @@ from typing import Sequence
 
 import numpy as np
 
+from m1_jax import chat
+from m1_jax import tokenizer as tok
+from m1_jax.chat import ChatError
 from m1_jax.run_config import DataSection
 
 FORMATS = ("auto", "text", "jsonl", "tokens")
@@ -44,8 +47,6 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------- tokenisers
 def get_tokenizer(spec: str, vocab_size: int):
     """``"byte"`` -> the byte-level tokenizer; a checkpoint directory / tokenizer.json -> its tokenizer."""
-    from m1_jax import tokenizer as tok
-
     if spec == "byte":
         return tok.ByteTokenizer(vocab_size)
     return tok.load_tokenizer(spec, vocab_size)
@@ -160,8 +161,6 @@ def render_chat(messages, tokenizer, tools=None) -> tuple[np.ndarray, np.ndarray
     The loss covers each assistant reply (its text, tool calls and closing end-of-sentence token);
     everything else (system, user and tool turns, the ``ai name=assistant`` headers) is masked. Pieces
     are tokenised separately at turn boundaries, which start with special tokens."""
-    from m1_jax import chat
-
     messages = list(messages)
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         raise ValueError("no assistant message to train on")
@@ -189,8 +188,6 @@ def render_chat(messages, tokenizer, tools=None) -> tuple[np.ndarray, np.ndarray
 
 
 def render_messages(record: dict, tokenizer, where: str) -> tuple[np.ndarray, np.ndarray]:
-    from m1_jax.chat import ChatError
-
     try:
         return render_chat(record["messages"], tokenizer, record.get("tools"))
     except (ChatError, KeyError, TypeError, ValueError, AttributeError) as e:

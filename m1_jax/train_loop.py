@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -31,7 +30,10 @@ from tqdm.auto import tqdm
 from m1_jax import sharding, train
 from m1_jax.checkpoint import Checkpointer, CheckpointError
 from m1_jax.config import M1Config
-from m1_jax.data import make_batches
+from m1_jax.data import get_tokenizer, make_batches
+from m1_jax.generation import generate
+from m1_jax.loading import from_pretrained
+from m1_jax.presets import resolve_config
 from m1_jax.run_config import RunConfig, resume_conflicts
 
 log = logging.getLogger(__name__)
@@ -142,17 +144,11 @@ def check_resumable(meta: dict, where: str, config: dict, run: RunConfig, what: 
 
 
 def load_model_config(run: RunConfig, init_from: str | None) -> M1Config:
-    from m1_jax.presets import resolve_config
-
     return resolve_config(init_from if init_from else run.model.config)
 
 
 def pretrained_model(path: str, run: RunConfig):
-    from m1_jax.loading import from_pretrained
-
-    m = run.model
-    return from_pretrained(path, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                           moe_impl=m.moe_impl, lightning_impl=m.lightning_impl, scan_layers=m.scan_layers)
+    return from_pretrained(path, **train.model_options(run))
 
 
 def fit(run: RunConfig, workdir: str, *, resume: bool = False, init_from: str | None = None,
@@ -247,9 +243,6 @@ def _train(run: RunConfig, workdir: str, ckpt: Checkpointer, *, resume: bool, in
 def sample_from_checkpoint(workdir: str, run: RunConfig, *, prompt: str, max_new_tokens: int,
                            temperature: float = 0.7, top_k: int = 40, seed: int = 0, init_from=None) -> str:
     """Restores the latest checkpoint of ``workdir`` on one device and continues ``prompt``."""
-    from m1_jax.data import get_tokenizer
-    from m1_jax.generation import generate
-
     cfg = load_model_config(run, init_from)
     one = sharding.make_mesh("data=1", jax.devices()[:1])
     ts = train.build_train_state(cfg, run, one)

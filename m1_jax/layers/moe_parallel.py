@@ -25,7 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from m1_jax import sharding
 from m1_jax.layers.experts import combine, experts_ragged, sort_by_expert, swiglu_grouped
