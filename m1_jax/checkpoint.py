@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.checkpoint_io.errors import CheckpointError, cause_line
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Checkpointer:
             nnx.replace_by_pure_dict(state, restored)
         except (ValueError, KeyError) as e:
             raise DamagedCheckpointError(f"{self.directory}/{step}/state: does not hold this model and optimizer "
-                                         f"({_why(e)})") from None
+                                         f"({cause_line(e)})") from None
         return state, data, meta, step
 
     def _read(self, step: int, item: str, args):
@@ -127,7 +127,7 @@ class Checkpointer:
             return getattr(self.manager.restore(step, args=ocp.args.Composite(**{item: args})), item)
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds: the item does not read
             what = "cannot be restored into this model and optimizer" if item == "state" else "unreadable"
-            raise DamagedCheckpointError(f"{self.directory}/{step}/{item}: {what} ({_why(e)})") from None
+            raise DamagedCheckpointError(f"{self.directory}/{step}/{item}: {what} ({cause_line(e)})") from None
 
     def restore_newest(self, abstract_state, *, check_meta: Callable[[dict, str], None] | None = None) -> Restored:
         """Restores the newest step that reads back on every process (see :meth:`restore`). Newer damaged
@@ -170,14 +170,6 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices("m1_jax.checkpoint.set_aside")
         self.manager.reload()
-
-
-def _why(e: BaseException) -> str:
-    """The innermost cause of ``e`` on one line (Orbax wraps TensorStore's error in a generic one)."""
-    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
-        e = e.__cause__ or e.__context__
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
 def _on_every_process(ok: bool) -> bool:
