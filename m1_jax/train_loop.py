@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from m1_jax import sharding, train
 from m1_jax.checkpoint import Checkpointer, CheckpointError
+from m1_jax.checkpoint_io.locate import locate
 from m1_jax.config import M1Config
 from m1_jax.data import get_tokenizer, make_batches
 from m1_jax.generation import generate
@@ -144,7 +145,8 @@ def check_resumable(meta: dict, where: str, config: dict, run: RunConfig, what: 
 
 
 def load_model_config(run: RunConfig, init_from: str | None) -> M1Config:
-    return resolve_config(init_from if init_from else run.model.config)
+    """The config of the checkpoint ``init_from`` (any kind from_pretrained loads), else of the run."""
+    return locate(init_from).config() if init_from else resolve_config(run.model.config)
 
 
 def pretrained_model(path: str, run: RunConfig):

@@ -14,6 +14,8 @@ from flax import nnx
 import m1_jax
 from m1_jax import CheckpointError
 from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
+from m1_jax.run_config import RunConfig
+from m1_jax.train_loop import load_model_config
 
 safetensors_flax = pytest.importorskip("safetensors.flax")  # writes bfloat16 (numpy cannot)
 
@@ -209,3 +211,8 @@ def test_training_checkpoint_errors_name_the_file(trained_workdir, tmp_path):
         os.truncate(f, f.stat().st_size // 2)
     msg = _load_error(w)
     assert f"{w}/checkpoints/2/state: cannot be restored (" in msg, msg
+
+
+def test_a_fine_tune_can_start_from_a_training_workdir(trained_workdir):
+    """`m1 train --init-from WORKDIR` reads the model config where from_pretrained finds the weights."""
+    assert load_model_config(RunConfig(), str(trained_workdir)) == m1_jax.from_pretrained(trained_workdir).cfg
