@@ -13,6 +13,7 @@ checkpoint exports the model's parameters of its train state, in their stored dt
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,8 @@ from m1_jax.convert import integrity
 from m1_jax.convert import orbax_writer as ow
 from m1_jax.convert.layout import TOKENIZER_FILES
 from m1_jax.convert.transpose import contiguous_into
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
@@ -95,7 +98,11 @@ def _source(ckpt: str):
         names = {p: ".".join((MODEL_ITEM, *map(str, p))) for p in key_table.param_layout(cfg)}
         meta, regions = ow.read_metadata(src.state_dir), None
         config_text = json.dumps(src.meta["config"], indent=1)
-        tokenizer_dir = None if src.tokenizer == BYTE_TOKENIZER else src.tokenizer
+        try:
+            tokenizer_dir = None if src.tokenizer == BYTE_TOKENIZER else src.tokenizer
+        except CheckpointError as e:  # the run's tokenizer has moved: the weights still export
+            log.warning("%s; exporting without tokenizer files", str(e).removesuffix("; pass --tokenizer"))
+            tokenizer_dir = None
     else:
         raise CheckpointError(f"{ckpt}: a Hugging Face checkpoint already; `m1 export` takes an `m1 convert` "
                               "output or an `m1 train` workdir")

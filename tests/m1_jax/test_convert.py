@@ -202,3 +202,24 @@ def test_export_of_a_training_workdir_round_trips(trained_workdir, tmp_path, cap
     assert json.loads((out / "config.json").read_text()) == cfg
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 11), dtype=np.int32))
     np.testing.assert_array_equal(np.asarray(exported(ids)), np.asarray(trained(ids)))
+
+
+def test_export_of_a_training_workdir_takes_the_runs_tokenizer(trained_workdir, tmp_path, caplog):
+    import logging
+    import shutil
+
+    w = tmp_path / "w"
+    shutil.copytree(trained_workdir, w)
+    shutil.rmtree(w / "checkpoints" / "1")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0"}')
+    meta_file = w / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    for where, copied in [(tmp_path / "tok", True), (tmp_path / "gone", False)]:
+        meta["run"]["data"]["tokenizer"] = str(where)
+        meta_file.write_text(json.dumps(meta))
+        out = tmp_path / f"hf-{where.name}"
+        with caplog.at_level(logging.WARNING):
+            export(w, out, progress=False)
+        assert (out / "tokenizer.json").is_file() == copied
+        assert copied or f"data.tokenizer '{where}': no such directory" in caplog.text
