@@ -25,14 +25,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from m1_jax import sharding
+from m1_jax.checkpoint_io import integrity
 from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io import orbax_layout as ow
 from m1_jax.checkpoint_io.errors import CheckpointError, cause_line
 from m1_jax.checkpoint_io.locate import CONVERTED, MODEL_ITEM, TRAINING, Checkpoint, locate
 from m1_jax.checkpoint_io.plan import plan_checkpoint
 from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
 from m1_jax.config import M1Config
-from m1_jax.convert import integrity
-from m1_jax.convert import orbax_writer as ow
 from m1_jax.model import M1Model, abstract_model
 
 log = logging.getLogger(__name__)

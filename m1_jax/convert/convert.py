@@ -9,7 +9,7 @@ is written; the parameter layout comes from the key table (:func:`m1_jax.checkpo
 so no JAX is loaded. Then worker threads convert tensors side by side in file order: each reads one
 tensor (direct I/O into a reused, page-aligned buffer), changes its layout one chunk-sized piece at a
 time (:mod:`m1_jax.convert.transpose`) and writes each piece as a chunk file of its slot
-(:mod:`m1_jax.convert.orbax_writer`). Host memory is bounded by
+(:mod:`m1_jax.checkpoint_io.orbax_layout`). Host memory is bounded by
 :class:`~m1_jax.checkpoint_io.buffers.BufferPool` (two of the largest tensors' buffers), whatever the depth
 or the number of workers.
 
@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from m1_jax.checkpoint_io import files
 from m1_jax.checkpoint_io import keys as key_table
 from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io import orbax_layout as ow
 from m1_jax.checkpoint_io.buffers import PAGE, BufferPool
 from m1_jax.checkpoint_io.errors import CheckpointError, is_disk_full
 from m1_jax.checkpoint_io.sources import open_source
 from m1_jax.config import M1Config
-from m1_jax.convert import orbax_writer as ow
 from m1_jax.convert.layout import TOKENIZER_FILES, plan_all, slot_pieces, targets
 from m1_jax.convert.verify import verify_conversion
 

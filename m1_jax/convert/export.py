@@ -6,7 +6,7 @@ its Orbax array region, put back into PyTorch layout (:func:`m1_jax.checkpoint_i
 and appended to the current shard, whose header was written first from the shapes alone. Shards are
 written under temporary names and renamed; ``model.safetensors.index.json`` is written last. A converted
 checkpoint is checked as it is read: its chunk files first (all there, at their sizes), then each
-region's CRC-32C against the one its conversion recorded (:mod:`m1_jax.convert.integrity`). A training
+region's CRC-32C against the one its conversion recorded (:mod:`m1_jax.checkpoint_io.integrity`). A training
 checkpoint exports the model's parameters of its train state, in their stored dtype.
 """
 
@@ -21,15 +21,14 @@ import shutil
 import numpy as np
 from tqdm.auto import tqdm
 
-from m1_jax.checkpoint_io import files
+from m1_jax.checkpoint_io import files, integrity
 from m1_jax.checkpoint_io import keys as key_table
 from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io import orbax_layout as ow
 from m1_jax.checkpoint_io.errors import CheckpointError, cause_line, is_disk_full
 from m1_jax.checkpoint_io.locate import BYTE_TOKENIZER, CONVERTED, MODEL_ITEM, TRAINING, locate
 from m1_jax.checkpoint_io.safetensors_io import DTYPE_NAMES, INDEX_NAME
 from m1_jax.config import M1Config
-from m1_jax.convert import integrity
-from m1_jax.convert import orbax_writer as ow
 from m1_jax.convert.layout import TOKENIZER_FILES
 from m1_jax.convert.transpose import contiguous_into
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from m1_jax.checkpoint_io import keys as key_table
+from m1_jax.checkpoint_io import orbax_layout as ow
 from m1_jax.checkpoint_io.plan import plan_checkpoint, stack_dims
 from m1_jax.config import M1Config
-from m1_jax.convert import orbax_writer as ow
 from m1_jax.convert.transpose import contiguous_into
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -15,10 +15,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io import orbax_layout as ow
 from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.checkpoint_io.sources import open_source
 from m1_jax.config import M1Config, param_counts
-from m1_jax.convert import orbax_writer as ow
 from m1_jax.convert.layout import plan_all, slot_pieces, targets
 
 LOGITS_MAX_PARAMS = 50_000_000

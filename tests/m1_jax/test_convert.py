@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 import m1_jax
-from m1_jax.cli import main
 from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io import orbax_layout as ow
 from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
-from m1_jax.convert import orbax_writer as ow
+from m1_jax.cli import main
 from m1_jax.convert.convert import convert
 from m1_jax.convert.export import export
 from m1_jax.convert.layout import targets

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from m1_jax.checkpoint_io import orbax_layout as ow
 from m1_jax.checkpoint_io.buffers import PAGE, aligned_empty
-from m1_jax.convert import orbax_writer as ow
 
 
 @pytest.mark.parametrize("direct", [True, False])

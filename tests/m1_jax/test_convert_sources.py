@@ -5,14 +5,14 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_convert import assert_same_arrays, converted_arrays
+from tiny_models import fused_checkpoint, native_checkpoint
 
 import m1_jax
 from m1_jax.checkpoint_io import manifest as mf
 from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
 from m1_jax.convert.convert import convert
-from test_convert import assert_same_arrays, converted_arrays
-from tiny_models import fused_checkpoint, native_checkpoint
 
 torch = pytest.importorskip("torch", reason="torch (the [torch] extra) reads .bin checkpoints")
 

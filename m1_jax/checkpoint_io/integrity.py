@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from m1_jax.checkpoint_io import files
 from m1_jax.checkpoint_io import keys as key_table
 from m1_jax.checkpoint_io import manifest as mf
+from m1_jax.checkpoint_io import orbax_layout as ow
 from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.checkpoint_io.plan import stack_dims
 from m1_jax.config import M1Config
-from m1_jax.convert import orbax_writer as ow
 
 DAMAGED = "the checkpoint is damaged: convert the source again"
 
@@ -45,7 +45,7 @@ def param_names(cfg: M1Config) -> dict[tuple, str]:
 
 def check_chunk_files(state_dir: str, names: dict[tuple, str], meta: dict) -> None:
     """Every chunk file of every array in the converted Orbax checkpoint ``state_dir`` is present at its
-    size; the first that is not is named. ``meta``: its ``_METADATA`` (:func:`orbax_writer.read_metadata`).
+    size; the first that is not is named. ``meta``: its ``_METADATA`` (:func:`m1_jax.checkpoint_io.orbax_layout.read_metadata`).
     Checkpoints in Orbax's own storage (OCDBT, zarr3) are left to the checksums."""
     if meta.get("use_ocdbt") or meta.get("use_zarr3"):
         return
