@@ -9,10 +9,10 @@ import pytest
 from test_convert import assert_same_arrays, converted_arrays
 
 import m1_jax
-from m1_jax.cli import main
 from m1_jax.checkpoint_io import manifest as mf
 from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.checkpoint_io.sources import open_source
+from m1_jax.cli import main
 from m1_jax.config import M1Config
 from m1_jax.convert import convert as convert_mod
 from m1_jax.convert.convert import convert
