@@ -49,7 +49,7 @@ def get_tokenizer(spec: str, vocab_size: int):
     """``"byte"`` -> the byte-level tokenizer; a checkpoint directory / tokenizer.json -> its tokenizer."""
     if spec == "byte":
         return tok.ByteTokenizer(vocab_size)
-    return tok.load_tokenizer(spec, vocab_size)
+    return tok.load_tokenizer(spec, vocab_size, required=True)
 
 
 # ----------------------------------------------------------------------------------- documents

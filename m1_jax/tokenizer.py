@@ -95,12 +95,17 @@ class HFTokenizer:
         return self.token_to_id(EOS_TOKEN)
 
 
-def load_tokenizer(path: str | os.PathLike | None, vocab_size: int):
+def load_tokenizer(path: str | os.PathLike | None, vocab_size: int, *, required: bool = False):
     """The tokenizer of a checkpoint directory: its ``tokenizer.json``, else the byte-level tokenizer
-    when the model's vocabulary is small enough to be a byte model (<= 1024 ids)."""
+    when the model's vocabulary is small enough to be a byte model (<= 1024 ids).
+
+    ``required``: ``path`` was named as a tokenizer (a flag or a config field), so a path without a
+    ``tokenizer.json`` is an error rather than a fallback to bytes."""
     if path is not None:
         p = Path(path)
         f = p / "tokenizer.json" if p.is_dir() else p
+        if required and not f.is_file():
+            raise TokenizerError(f"{path}: no tokenizer.json there" if p.is_dir() else f"{path}: no such file")
         if f.is_file():
             tok = HFTokenizer(f)
             if tok.vocab_size > vocab_size:

@@ -59,12 +59,17 @@ def load_config_and_tokenizer(args):
     """(config, tokenizer) of ``args.checkpoint``: cheap, so that bad input fails before the weights load."""
     # imported here: the config and tokenizer load without JAX, which only load_model brings in
     from m1_jax.checkpoint_io.locate import BYTE_TOKENIZER, locate
-    from m1_jax.tokenizer import ByteTokenizer, load_tokenizer
+    from m1_jax.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 
     ckpt = locate(args.checkpoint)
     cfg = ckpt.config()
     spec = args.tokenizer or ckpt.tokenizer
-    return cfg, ByteTokenizer(cfg.vocab_size) if spec == BYTE_TOKENIZER else load_tokenizer(spec, cfg.vocab_size)
+    if spec == BYTE_TOKENIZER:
+        return cfg, ByteTokenizer(cfg.vocab_size)
+    try:  # a --tokenizer that holds no tokenizer.json is an error, not a silent byte-level fallback
+        return cfg, load_tokenizer(spec, cfg.vocab_size, required=args.tokenizer is not None)
+    except TokenizerError as e:
+        raise TokenizerError(f"--tokenizer {e}" if args.tokenizer is not None else str(e)) from None
 
 
 def load_model(args):

@@ -29,6 +29,8 @@ def run_cli(argv, capsys):
     (["--prompt-ids", "1,x"], "comma-separated integers"),
     (["--prompt", "hello world", "--max-len", "4"], "the prompt has 11 tokens, more than --max-len 4"),
     (["--prompt", "hello", "--max-len", "8", "--max-new-tokens", "9"], "leaves room for 4 new tokens"),
+    (["--prompt", "x", "--tokenizer", "/"], "--tokenizer /: no tokenizer.json there"),  # no silent byte fallback
+    (["--prompt", "x", "--tokenizer", "/no/such/tokenizer.json"], "--tokenizer /no/such/tokenizer.json: no such file"),
 ])
 def test_generate_errors(golden_dir, capsys, extra, match):
     code, out, err = run_cli(["generate", str(golden_dir), *extra], capsys)

@@ -179,3 +179,12 @@ def test_text_windows_are_shuffled_as_documents(tmp_path):
     whole = next(data.Batches(DataSection(source=str(tmp_path), seq_len=T, batch_size=8, shuffle=True, seed=1),
                               vocab_size=512))
     assert len({chr(int(r[0])) if chr(int(r[0])) != "\n" else chr(int(r[1])) for r in whole["inputs"]}) <= 2
+
+
+def test_a_named_tokenizer_directory_must_hold_tokenizer_json(tmp_path):
+    """``data.tokenizer`` names a directory: without tokenizer.json that is an error, not byte-level tokens."""
+    from m1_jax.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match=f"{tmp_path}: no tokenizer.json there"):
+        data.get_tokenizer(str(tmp_path), 512)
+    assert isinstance(data.get_tokenizer("byte", 512), ByteTokenizer)
