@@ -90,11 +90,13 @@ def restore_state(path: str, cfg: M1Config, abstract: M1Model, mesh=None) -> nnx
     when given: a :class:`jax.sharding.Mesh` or a spec, each device reading only its shards)."""
     target = _target(nnx.state(abstract), cfg, sharding.as_mesh(mesh))
 
+    state_dir = os.path.abspath(os.path.join(path, mf.STATE_DIR))  # Orbax takes absolute paths only
+
     def restore():
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(os.path.join(path, mf.STATE_DIR), target)
+            return ckptr.restore(state_dir, target)
 
-    return _orbax_restore(os.path.join(path, mf.STATE_DIR), restore)
+    return _orbax_restore(state_dir, restore)
 
 
 def restore_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, mesh=None,
@@ -138,7 +140,7 @@ def restore_trained(ckpt: Checkpoint, *, dtype=jnp.float32, param_dtype=None, me
 
     def restore():
         with ocp.PyTreeCheckpointer() as ckptr:
-            return ckptr.restore(ckpt.state_dir, args=ocp.args.PyTreeRestore(
+            return ckptr.restore(os.path.abspath(ckpt.state_dir), args=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
 
     restored = _orbax_restore(ckpt.state_dir, restore)

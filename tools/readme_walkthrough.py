@@ -49,6 +49,11 @@ def runnable(lang: str, code: str) -> str:
     return "".join(line for line in code.splitlines(keepends=True) if not INSTALL.match(line))
 
 
+def tail(text: str, lines: int = 40) -> str:
+    """The last lines of a command's output (progress bars redrawn with carriage returns count as lines)."""
+    return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
+
+
 def fresh_clone(dst: Path, worktree: bool) -> Path:
     subprocess.run(["git", "clone", "-q", str(REPO), str(dst)], check=True)
     if worktree:  # the checkout's files as they are now, committed or not
@@ -85,7 +90,8 @@ def main(argv=None) -> int:
             took = time.perf_counter() - t0
             if proc.returncode:
                 print(f"README.md:{line}: the {lang} block exited {proc.returncode} after {took:.0f}s\n"
-                      f"--- code\n{code}--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}", file=sys.stderr)
+                      f"--- code\n{code}--- stdout (last lines)\n{tail(proc.stdout)}\n"
+                      f"--- stderr (last lines)\n{tail(proc.stderr)}", file=sys.stderr)
                 return 1
             print(f"    ok in {took:.0f}s; last output line: {(proc.stdout.strip().splitlines() or [''])[-1][:100]}")
         print(f"walkthrough: {len(todo)} blocks ran as pasted in {clone}")

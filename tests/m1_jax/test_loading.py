@@ -14,6 +14,7 @@ from flax import nnx
 import m1_jax
 from m1_jax import CheckpointError
 from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
+from m1_jax.convert.convert import convert
 from m1_jax.run_config import RunConfig
 from m1_jax.train_loop import load_model_config
 
@@ -182,6 +183,18 @@ def test_a_training_workdir_loads_its_latest_step(trained_workdir):
     assert all(np.array_equal(step2[k], final[k]) for k in final)
     assert step1["embed_tokens"].dtype == jnp.bfloat16
     assert not np.array_equal(step1["embed_tokens"].astype(np.float32), final["embed_tokens"])  # an earlier step
+
+
+def test_checkpoints_load_by_relative_path(trained_workdir, golden_dir, tmp_path, monkeypatch):
+    """A path relative to the working directory, as a user types it (Orbax itself takes absolute paths)."""
+    final = dict(np.load(trained_workdir.parent / "final_params.npz"))
+    monkeypatch.chdir(trained_workdir.parent)
+    got = params_of(m1_jax.from_pretrained(trained_workdir.name))
+    assert all(np.array_equal(got[k], final[k]) for k in final)
+    convert(golden_dir, tmp_path / "conv", progress=False)
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(params_of(m1_jax.from_pretrained("conv"))["embed_tokens"],
+                                  params_of(m1_jax.from_pretrained(golden_dir))["embed_tokens"])
 
 
 def test_a_training_checkpoint_restores_onto_a_mesh(trained_workdir):
