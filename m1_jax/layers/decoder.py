@@ -95,23 +95,21 @@ class Period(nnx.Module):
         :mod:`m1_jax.cache`): lightning layers take the lightning states in layer order, softmax layers
         the (keys, values) pairs in layer order."""
         outs, aux = [], []
-        slices = None if cache is None else [list(c) for c in cache]
-        used = {LINEAR: 0, FULL: 0}
+        if cache is not None:
+            states, keys, values = (list(c) for c in cache)
+        seen = {LINEAR: 0, FULL: 0}  # layers of each kind so far: the index into that kind's cache
         for j, layer in enumerate(self.layers):
-            c = None
-            if slices is not None:
-                n = used[layer.layer_type]
-                c = slices[0][n] if layer.layer_type == LINEAR else (slices[1][n], slices[2][n])
+            n, linear = seen[layer.layer_type], layer.layer_type == LINEAR
+            seen[layer.layer_type] += 1
+            c = None if cache is None else states[n] if linear else (keys[n], values[n])
             x, a, c = layer(x, positions=positions, slopes=slopes[j], segment_ids=segment_ids, moe_impl=moe_impl,
                             cache=c, step=step)
-            if slices is not None:
-                if layer.layer_type == LINEAR:
-                    slices[0][n] = c
-                else:
-                    slices[1][n], slices[2][n] = c
-                used[layer.layer_type] += 1
+            if cache is not None and linear:
+                states[n] = c
+            elif cache is not None:
+                keys[n], values[n] = c
             outs.append(x)
             aux.append(a)
-        if slices is not None:
-            cache = tuple(jnp.stack(new) if new else old for new, old in zip(slices, cache))
+        if cache is not None:  # a period without layers of a kind keeps that (empty) cache as it is
+            cache = tuple(jnp.stack(new) if new else old for new, old in zip((states, keys, values), cache))
         return x, (jnp.stack(outs) if collect else None), jnp.stack(aux), cache

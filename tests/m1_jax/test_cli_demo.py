@@ -3,15 +3,10 @@
 import re
 
 import pytest
+from cli_runner import run_cli
 
 from m1_jax import cli
 from m1_jax.tokenizer import ByteTokenizer
-
-
-def run_cli(argv, capsys):
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("extra, match", [

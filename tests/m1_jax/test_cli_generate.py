@@ -7,15 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 
-from m1_jax import cli
 from m1_jax.tokenizer import ByteTokenizer
-
-
-def run_cli(argv, capsys):
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -63,9 +57,8 @@ def test_generate_streams_the_greedy_continuation(golden_dir, capsys):
 
 def test_chat_session_reuses_the_cache(golden_dir, monkeypatch, capsys):
     from m1_jax.commands.chat import Session
-    from m1_jax.sampling import SamplingParams
-
     from m1_jax.loading import from_pretrained
+    from m1_jax.sampling import SamplingParams
 
     model, tok = from_pretrained(golden_dir), ByteTokenizer(512)
     args = argparse.Namespace(max_len=256, max_new_tokens=4, seed=0, chunk_size=8, show_reasoning=False)
