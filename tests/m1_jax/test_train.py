@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from m1_jax import sharding, train
+from m1_jax.model import init_model
 from m1_jax.presets import resolve_config
 from m1_jax.run_config import RunConfig, RunConfigError, load_run_config, parse_override
 
@@ -68,6 +69,13 @@ def test_mesh_matches_single_device(cfg):
     a, b = flat_params(one), flat_params(sharded)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=str(k))
+
+
+def test_train_state_leaves_the_callers_model_alone(cfg):
+    """The train state places a copy of the model on its mesh; the caller's model keeps its own mesh."""
+    model = init_model(cfg, seed=0)
+    ts = train.build_train_state(cfg, small_run(), sharding.make_mesh("data=2,fsdp=2,expert=2"), model=model)
+    assert model.mesh is None and ts.model().mesh is not None
 
 
 def test_gradient_accumulation_matches_full_batch(cfg):
