@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from m1_jax.checkpoint_io.errors import CheckpointError, cause_line
+from m1_jax.checkpoint_io.errors import CheckpointError, cause_line, ignore_abandoned_reads
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ class Checkpointer:
         steps are logged and set aside as ``STEP.damaged``; when no step restores, the error names
         each one and why."""
         damaged: dict[int, str] = {}
+        ignore_abandoned_reads()  # a failed restore's reads still in flight report nothing useful
         for step in sorted(self.all_steps(), reverse=True):
             why = "unreadable on another process"
             try:

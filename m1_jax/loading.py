@@ -28,7 +28,7 @@ from m1_jax import sharding
 from m1_jax.checkpoint_io import integrity
 from m1_jax.checkpoint_io import manifest as mf
 from m1_jax.checkpoint_io import orbax_layout as ow
-from m1_jax.checkpoint_io.errors import CheckpointError, cause_line
+from m1_jax.checkpoint_io.errors import CheckpointError, cause_line, ignore_abandoned_reads
 from m1_jax.checkpoint_io.locate import CONVERTED, MODEL_ITEM, TRAINING, Checkpoint, locate
 from m1_jax.checkpoint_io.plan import plan_checkpoint
 from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
@@ -79,6 +79,7 @@ def _orbax_restore(state_dir: str, restore):
     """Runs ``restore()`` (an Orbax restore of ``state_dir``), its errors as one line naming the directory
     and the innermost cause (TensorStore names the file)."""
     ow.read_metadata(state_dir)  # a missing or damaged tree record is named before Orbax reads it
+    ignore_abandoned_reads()  # a failed restore's reads still in flight report nothing useful
     try:
         return restore()
     except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds for unreadable data

@@ -149,3 +149,43 @@ def test_locate_tells_the_kinds_of_checkpoint_apart(golden_dir, tmp_path):
         locate(tmp_path / "other")
     with pytest.raises(CheckpointError, match="nowhere: no such checkpoint directory"):
         locate(tmp_path / "nowhere")
+
+
+def test_reports_of_reads_abandoned_by_a_failed_restore_are_dropped(capsys):
+    """A read that completes into the closed event loop of a failed Orbax restore is not reported (a
+    damaged checkpoint gave hundreds of such tracebacks); any other unraisable report still is."""
+    import asyncio
+    import sys
+
+    from m1_jax.checkpoint_io.errors import ignore_abandoned_reads
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(lambda: None)
+    except RuntimeError as e:
+        abandoned = e
+    other = RuntimeError("something else")
+
+    class Unraisable:  # an exception in __del__ reaches sys.unraisablehook, as TensorStore's reports do
+        def __init__(self, e):
+            self.e = e
+
+        def __del__(self):
+            raise self.e
+
+    previous = sys.unraisablehook
+    try:
+        sys.unraisablehook = sys.__unraisablehook__
+        ignore_abandoned_reads()
+        ignore_abandoned_reads()  # once per process: not wrapped twice
+        assert sys.unraisablehook.drops_abandoned_reads
+        assert sys.unraisablehook.__closure__[0].cell_contents is sys.__unraisablehook__
+        Unraisable(abandoned)
+        assert "Event loop is closed" not in capsys.readouterr().err
+        Unraisable(RuntimeError("Event loop is closed"))  # the same words from elsewhere: still reported
+        Unraisable(RuntimeError("something else"))
+        err = capsys.readouterr().err
+        assert "Event loop is closed" in err and "something else" in err
+    finally:
+        sys.unraisablehook = previous
