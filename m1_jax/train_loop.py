@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from m1_jax import sharding, train
@@ -244,17 +243,10 @@ def _train(run: RunConfig, workdir: str, ckpt: Checkpointer, *, resume: bool, in
 
 def sample_from_checkpoint(workdir: str, run: RunConfig, *, prompt: str, max_new_tokens: int,
                            temperature: float = 0.7, top_k: int = 40, seed: int = 0, init_from=None) -> str:
-    """Restores the latest checkpoint of ``workdir`` on one device and continues ``prompt``."""
-    cfg = load_model_config(run, init_from)
-    one = sharding.make_mesh("data=1", jax.devices()[:1])
-    ts = train.build_train_state(cfg, run, one)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        state, _, _, _ = ckpt.restore(ts.abstract_state())
-    finally:
-        ckpt.close()
-    model = nnx.merge(ts.graphdef, state)[0]
-    model.mesh = None
+    """Loads the parameters of the latest checkpoint of ``workdir`` on one device (not the optimizer state)
+    and continues ``prompt``."""
+    model = from_pretrained(workdir, **train.model_options(run))
+    cfg = model.cfg
     tokenizer = get_tokenizer(run.data.tokenizer if not init_from else init_from, cfg.vocab_size)
     ids = tokenizer.encode(prompt)
     out = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
