@@ -185,10 +185,34 @@ class M1Model(nnx.Module):
                                   lengths=cache.lengths + n_valid)
         return ModelOutput(logits=logits, aux_loss_per_layer=aux, layer_outputs=outs, cache=cache)
 
-    def __call__(self, input_ids: jax.Array, **kw) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, last_only: bool = False, moe_impl: str | None = None,
+                 scan: bool | None = None, remat: str = "none") -> jax.Array:
         """``input_ids`` int [batch, time] -> float32 logits [batch, time, vocab]: ``forward(...).logits``
-        (keyword arguments as :meth:`forward`)."""
-        return self.forward(input_ids, **kw).logits
+        (arguments as :meth:`forward`; a cache goes to :meth:`forward`, which returns it).
+
+        Called with concrete arrays it runs compiled: one XLA program per model structure, input shapes and
+        options, kept by ``jax.jit``'s cache, so calling it again with the same shapes compiles nothing.
+        Inside a transformation (``jax.jit``, ``nnx.grad``, ...: an input or a parameter is a tracer) it is
+        traced into the caller's program instead."""
+        kw = dict(positions=positions, segment_ids=segment_ids, last_only=last_only, moe_impl=moe_impl, scan=scan,
+                  remat=remat)
+        if _traced(self, (input_ids, positions, segment_ids)):
+            return self.forward(input_ids, **kw).logits
+        arrays = {k: kw.pop(k) for k in ("positions", "segment_ids")}
+        return _compiled_logits(self, jnp.asarray(input_ids), **arrays, **kw)
+
+
+def _traced(model: M1Model, arrays) -> bool:
+    """Whether any input or parameter is a tracer (the call is inside a JAX transformation)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((nnx.state(model), arrays)))
+
+
+@functools.partial(nnx.jit, static_argnames=("last_only", "moe_impl", "scan", "remat"))
+def _compiled_logits(model: M1Model, input_ids: jax.Array, *, positions=None, segment_ids=None, last_only=False,
+                     moe_impl=None, scan=None, remat="none") -> jax.Array:
+    return model.forward(input_ids, positions=positions, segment_ids=segment_ids, last_only=last_only,
+                         moe_impl=moe_impl, scan=scan, remat=remat).logits
 
 
 def init_model(cfg: M1Config, *, seed: int = 0, **kw) -> M1Model:

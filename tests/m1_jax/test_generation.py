@@ -1,35 +1,15 @@
 """Prefill + decode + sampling against the original code's cached generation (tests/data/golden/caseA)."""
 
-import collections
-import contextlib
-
 import jax
 import numpy as np
 import pytest
+from trace_counter import count_traces
 
 import m1_jax
 from m1_jax.cache import CacheError
 from m1_jax.generation import decode_step, prefill, stream
 
 ATOL = 1e-4  # fp32 logits
-
-TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # recorded by JAX each time a jitted function traces
-
-
-@contextlib.contextmanager
-def count_traces():
-    """Counts the traces of jitted functions inside the block by function name (JAX's monitoring events)."""
-    counter = collections.Counter()
-
-    def listener(event, duration, fun_name="", **kw):
-        if event == TRACE_EVENT:
-            counter[fun_name] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield counter
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture(scope="module")

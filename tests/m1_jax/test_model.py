@@ -15,6 +15,7 @@ from flax import nnx
 import m1_jax
 from m1_jax.config import FULL, LINEAR
 from tiny_models import tiny_config
+from trace_counter import count_traces
 
 SCAN_ATOL = 1e-6
 
@@ -28,6 +29,26 @@ def tiny_cfg():
 @pytest.fixture(scope="module")
 def tiny_ids(tiny_cfg):
     return jax.random.randint(jax.random.key(7), (2, 23), 0, tiny_cfg.vocab_size)
+
+
+def test_calling_the_model_runs_it_compiled_once_per_shape(tiny_cfg, tiny_ids):
+    """``model(ids)`` compiles on the first call of a shape and reuses it; under a transformation it is traced."""
+    model = m1_jax.init_model(tiny_cfg, seed=3)
+    with count_traces() as traces:
+        first = model(tiny_ids)
+        again = model(tiny_ids)
+    assert traces["_compiled_logits"] == 1
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    with count_traces() as traces:
+        model(tiny_ids[:, :9])  # a new shape: one more compile
+        model(tiny_ids[:, :9])
+    assert traces["_compiled_logits"] == 1
+    np.testing.assert_allclose(np.asarray(first), np.asarray(model.forward(tiny_ids).logits), rtol=0, atol=1e-5)
+    # inside jax.jit / nnx.grad the call is part of the caller's program
+    traced = nnx.jit(lambda m, ids: m(ids))(model, tiny_ids)
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(first), rtol=0, atol=1e-5)
+    grads = nnx.grad(lambda m: m(tiny_ids).mean())(model)
+    assert np.isfinite(np.asarray(grads.lm_head[...])).all()
 
 
 def test_scanned_and_unrolled_stacks_agree(tiny_cfg, tiny_ids):
