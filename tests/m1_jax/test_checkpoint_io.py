@@ -165,7 +165,6 @@ def test_reports_of_reads_abandoned_by_a_failed_restore_are_dropped(capsys):
         loop.call_soon_threadsafe(lambda: None)
     except RuntimeError as e:
         abandoned = e
-    other = RuntimeError("something else")
 
     class Unraisable:  # an exception in __del__ reaches sys.unraisablehook, as TensorStore's reports do
         def __init__(self, e):
