@@ -232,7 +232,7 @@ def _stop_array(seqs) -> np.ndarray:
 
 
 def _start(model, prompt_ids, lengths, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, stop,
-           cache: Cache | None, max_len: int | None, chunk_size: int):
+           cache: Cache | None, max_len: int | None, chunk_size: int, *, single: bool = False):
     """What :func:`generate` and :func:`stream` share: checks the arguments, makes (or checks the room of)
     the cache and prefills the prompts -> (sampling params, random key, stop sequences, cache, last logits)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 63:
@@ -242,6 +242,8 @@ def _start(model, prompt_ids, lengths, max_new_tokens, temperature, top_k, top_p
     sp = SamplingParams.create(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=model.cfg.vocab_size)
     stop_seqs = _stop_sequences(eos_token_id, stop)
     ids, lens = as_batch(prompt_ids, lengths)
+    if single and ids.shape[0] != 1:
+        raise ValueError(f"stream takes one prompt, got {ids.shape[0]}")
     held = 0 if cache is None else int(np.asarray(cache.lengths).max())
     limit = model.cfg.max_position_embeddings
     if held + int(lens.max()) + max_new_tokens > limit:
@@ -300,11 +302,8 @@ def stream(model, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0, 
     """One prompt, tokens yielded as they come: ``(token, cache)`` per step (a jitted fixed-shape step,
     compiled once). Stops after eos / a stop sequence (yielded) or ``max_new_tokens``. Each yielded
     cache is consumed by the next step: keep the last one."""
-    rows = len(as_batch(prompt_ids)[0])
-    if rows != 1:
-        raise ValueError(f"stream takes one prompt, got {rows}")
     sp, key, stop_seqs, cache, logits = _start(model, prompt_ids, None, max_new_tokens, temperature, top_k, top_p,
-                                               seed, eos_token_id, stop, cache, max_len, chunk_size)
+                                               seed, eos_token_id, stop, cache, max_len, chunk_size, single=True)
     graphdef, params = nnx.split(model)
     out: list[int] = []
     for i in range(max_new_tokens):

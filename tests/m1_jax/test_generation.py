@@ -153,6 +153,8 @@ def test_stream_yields_greedy_tokens(model, golden):
     assert toks == golden["out"]["greedy_tokens"][0].tolist()
     eos = toks[2]
     assert [t for t, _ in stream(model, ids, max_new_tokens=8, eos_token_id=eos, chunk_size=8)] == toks[:3]
+    with pytest.raises(ValueError, match="stream takes one prompt, got 2"):
+        next(stream(model, [ids, ids], max_new_tokens=2))
 
 
 @pytest.mark.parametrize("kw, match", [
