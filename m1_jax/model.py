@@ -63,13 +63,14 @@ class M1Model(nnx.Module):
     """MiniMax-M1 / Text-01 causal language model.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (router gates stay float32).
-    ``moe_impl``: ``"ragged"`` (grouped matmuls) or ``"dense"`` (reference). ``lightning_impl`` is
+    ``moe_impl``: the routed experts' grouped matmul, ``"auto"`` (per backend), ``"ragged"`` or
+    ``"chunked"``, or ``"dense"`` (the reference; :mod:`m1_jax.layers.moe`). ``lightning_impl`` is
     passed to :func:`pallas_kernels.lightning.lightning_attention`. ``scan_layers=False`` runs the
     stacked periods one by one in Python (same numbers, slower compile).
     """
 
     def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 moe_impl: str = "ragged", lightning_impl: str = "auto", scan_layers: bool = True):
+                 moe_impl: str = "auto", lightning_impl: str = "auto", scan_layers: bool = True):
         self.cfg = cfg
         self.dtype = dtype
         self.scan_layers = scan_layers

@@ -33,7 +33,7 @@ class ModelSection:
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators); master weights are param_dtype
     param_dtype: str = "float32"
     remat: str = "none"  # rematerialisation per layer period: none | full | dots | dots_no_batch
-    moe_impl: str = "ragged"
+    moe_impl: str = "auto"
     lightning_impl: str = "auto"
     scan_layers: bool = True
     seed: int = 0
@@ -91,7 +91,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.moe_impl": ("ragged", "dense"),
+    "model.moe_impl": ("auto", "ragged", "chunked", "dense"),
     "model.lightning_impl": ("auto", "reference", "xla", "pallas"),
     "data.format": ("auto", "text", "jsonl", "tokens"),
     "train.on_nan": ("stop", "skip"),

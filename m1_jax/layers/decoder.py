@@ -21,7 +21,7 @@ from m1_jax.layers.norms import RMSNorm
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: M1Config, layer_type: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, moe_impl: str = "ragged", lightning_impl: str = "auto"):
+                 param_dtype=jnp.float32, moe_impl: str = "auto", lightning_impl: str = "auto"):
         D = cfg.hidden_size
         self.layer_type = layer_type
         self.dtype = dtype

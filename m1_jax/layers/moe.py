@@ -6,9 +6,12 @@ cast to the activation dtype (as the original code does). Expert ``e``:
 
 * ``"dense"``: every expert on every token, weighted by the (mostly zero) combine weights; the
   reference, cost ``num_experts / top_k`` times the useful work;
-* ``"ragged"``: (token, expert) pairs sorted by expert and run as grouped matmuls
-  (``jax.lax.ragged_dot``), then scattered back: the production path. Under a mesh
-  (:mod:`m1_jax.sharding`) it runs expert-parallel in ``jax.shard_map`` (:mod:`.moe_parallel`).
+* grouped: (token, expert) pairs sorted by expert and run as grouped matmuls, then scattered back:
+  the production path. ``"ragged"`` runs them with ``jax.lax.ragged_dot``, ``"chunked"`` expert by
+  expert in fixed-size chunks of rows (:mod:`.expert_chunks`), ``"auto"`` (the default) picks the one
+  fast on the backend being traced for (:func:`.experts.grouped_impl`: ragged on TPU, chunked on CPU
+  and GPU). Under a mesh (:mod:`m1_jax.sharding`) they run expert-parallel in ``jax.shard_map``
+  (:mod:`.moe_parallel`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from flax import nnx
 from m1_jax import sharding
 from m1_jax.config import M1Config
 from m1_jax.layers.common import param
-from m1_jax.layers.experts import experts_dense, experts_ragged
+from m1_jax.layers.experts import GROUPED, experts_dense, experts_grouped, grouped_impl
 from m1_jax.layers.moe_parallel import experts_sharded
 
-MOE_IMPLS = ("ragged", "dense")
+MOE_IMPLS = ("auto",) + GROUPED + ("dense",)
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -53,7 +56,7 @@ def load_balancing_loss(logits: jax.Array, experts: jax.Array, num_experts: int,
 
 class MoE(nnx.Module):
     def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 impl: str = "ragged"):
+                 impl: str = "auto"):
         if impl not in MOE_IMPLS:
             raise ValueError(f"moe impl must be one of {MOE_IMPLS}, got {impl!r}")
         D, E, I = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
@@ -77,11 +80,13 @@ class MoE(nnx.Module):
             raise ValueError(f"moe impl must be one of {MOE_IMPLS}, got {impl!r}")
         B, T, D = x.shape
         logits, weights, experts = route(x, self.gate[...], self.cfg.num_experts_per_tok)
-        if impl == "ragged" and sharding.active_mesh() is not None:  # expert parallel (moe_parallel.py)
-            y = experts_sharded(x, weights, experts, self.w1[...], self.w3[...], self.w2[...], self.dtype)
+        grouped = grouped_impl() if impl == "auto" else impl
+        w = (self.w1[...], self.w3[...], self.w2[...])
+        if impl != "dense" and sharding.active_mesh() is not None:  # expert parallel (moe_parallel.py)
+            y = experts_sharded(x, weights, experts, *w, self.dtype, grouped=grouped)
         else:
-            fn = experts_dense if impl == "dense" else experts_ragged
-            y = fn(x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1),
-                   self.w1[...], self.w3[...], self.w2[...], self.dtype)
+            flat = (x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1))
+            y = (experts_dense(*flat, *w, self.dtype) if impl == "dense"
+                 else experts_grouped(*flat, *w, self.dtype, grouped))
         aux = load_balancing_loss(logits, experts, self.cfg.num_local_experts, token_mask)
         return y.reshape(B, T, D), logits, aux

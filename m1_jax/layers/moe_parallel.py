@@ -9,7 +9,7 @@ Experts are split over the ``expert`` mesh axis (``E / ep`` per shard), tokens o
    no ragged all-to-all, :func:`padded_ragged_all_to_all` gives the same result from a dense
    ``all_to_all`` of worst-case-sized chunks);
 3. regroup the received rows by local expert and run the SwiGLU experts as grouped matmuls
-   (``jax.lax.ragged_dot``);
+   (:func:`m1_jax.layers.experts.swiglu_grouped`, ``ragged_dot`` or chunked);
 4. send the results back the same way, weight them and add them into their tokens; with
    ``tensor > 1`` the partial sums over the expert width are reduced with ``psum``.
 
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from m1_jax import sharding
-from m1_jax.layers.experts import combine, experts_ragged, sort_by_expert, swiglu_grouped
+from m1_jax.layers.expert_chunks import chunk_rows
+from m1_jax.layers.experts import combine, experts_grouped, grouped_impl, sort_by_expert, swiglu_grouped
 from pallas_kernels.platform import targeting_tpu
 
 EXPERT = "expert"
@@ -69,7 +70,7 @@ def _num_chunks(n: int, chunk_tokens: int) -> int:
 
 
 def _local_experts(x, weights, experts, w1, w3, w2, *, num_experts: int, ep: int, tensor: int, dtype,
-                   ragged: bool, chunk_tokens: int):
+                   ragged: bool, grouped: str, chunk_tokens: int):
     """Per-device body. x [b, T, D]; weights/experts [b, T, k]; w1/w3 [E/ep, D, I/t]; w2 [E/ep, I/t, D].
 
     The local tokens are processed in chunks of at most ``chunk_tokens`` (``lax.map`` over rematerialised
@@ -79,7 +80,7 @@ def _local_experts(x, weights, experts, w1, w3, w2, *, num_experts: int, ep: int
     n = b * T
     args = (x.reshape(n, D), weights.reshape(n, k), experts.reshape(n, k))
     routed = functools.partial(_routed, w1=w1, w3=w3, w2=w2, num_experts=num_experts, ep=ep, dtype=dtype,
-                               ragged=ragged)
+                               ragged=ragged, grouped=grouped)
     c = _num_chunks(n, chunk_tokens)
     if c == 1:
         out = routed(*args)
@@ -91,10 +92,10 @@ def _local_experts(x, weights, experts, w1, w3, w2, *, num_experts: int, ep: int
     return out.reshape(b, T, D)
 
 
-def _routed(x, weights, experts, *, w1, w3, w2, num_experts: int, ep: int, dtype, ragged: bool):
+def _routed(x, weights, experts, *, w1, w3, w2, num_experts: int, ep: int, dtype, ragged: bool, grouped: str):
     """x [n, D], weights/experts [n, k] -> [n, D] (partial over ``tensor`` when the width is split)."""
     if ep == 1:  # all experts are local
-        return experts_ragged(x, weights, experts, w1, w3, w2, dtype)
+        return experts_grouped(x, weights, experts, w1, w3, w2, dtype, grouped)
     n, D = x.shape
     k = experts.shape[-1]
     xs, counts, order = sort_by_expert(x, experts, num_experts, dtype)  # xs [n*k, D]; counts [E]
@@ -123,20 +124,23 @@ def _routed(x, weights, experts, *, w1, w3, w2, num_experts: int, ep: int, dtype
     e = jnp.sum(jnp.cumsum(local_counts, axis=1)[src_c] <= r[:, None], axis=1)
     e = jnp.where(src < ep, e, e_loc)
     perm = jnp.argsort(e, stable=True)
-    y_sorted = swiglu_grouped(buf[perm], local_counts.sum(0), w1, w3, w2, dtype)
+    # ``cap`` rows is the worst case; on average n * k rows arrive: chunks sized for that.
+    y_sorted = swiglu_grouped(buf[perm], local_counts.sum(0), w1, w3, w2, dtype, grouped, chunk_rows(n * k, e_loc))
     y_recv = jnp.zeros_like(y_sorted).at[perm].set(y_sorted)
     y = exchange(y_recv, jnp.zeros((n * k, D), dtype), recv_offsets, recv, back_offsets, send)
     return combine(y, weights, order, dtype)
 
 
 def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = None, ragged: bool | None = None,
-                    chunk_tokens: int = CHUNK_TOKENS):
+                    chunk_tokens: int = CHUNK_TOKENS, grouped: str | None = None):
     """The routed experts over ``mesh`` (default: the active mesh). x [B, T, D]; weights/experts
     [B, T, k]; w1/w3 [E, D, I]; w2 [E, I, D] -> [B, T, D].
 
     ``ragged``: use ``jax.lax.ragged_all_to_all`` (default: when tracing for TPU,
     :func:`pallas_kernels.platform.targeting_tpu`).
     ``chunk_tokens``: tokens per device exchanged at once (bounds the worst-case buffers).
+    ``grouped``: the grouped matmul, one of :data:`m1_jax.layers.experts.GROUPED` (default
+    :func:`m1_jax.layers.experts.grouped_impl`).
     """
     mesh = mesh or sharding.active_mesh()
     E = w1.shape[0]
@@ -146,11 +150,12 @@ def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = 
                                  f"num_local_experts={E}")
     if ragged is None:
         ragged = targeting_tpu()
+    grouped = grouped or grouped_impl()
     with sharding.activate(mesh):
         tok = sharding.spec(("batch", "length", None), x.shape)
         w_in = sharding.spec(("experts", None, "mlp"), w1.shape)
         w_out = sharding.spec(("experts", "mlp", None), w2.shape)
     body = functools.partial(_local_experts, num_experts=E, ep=ep, tensor=t, dtype=dtype, ragged=ragged,
-                             chunk_tokens=chunk_tokens)
+                             grouped=grouped, chunk_tokens=chunk_tokens)
     return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
         x, weights, experts, w1, w3, w2)

@@ -1,5 +1,5 @@
-"""Mixture of experts: dense (reference) and ragged (grouped matmul) paths on uneven routing, and both
-against a per-token numpy oracle."""
+"""Mixture of experts: dense (reference) and the two grouped matmul paths (ragged, chunked) on uneven
+routing, all against a per-token numpy oracle; the chunked grouped matmul on its own edge cases."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,10 @@ import pytest
 from flax import nnx
 
 import m1_jax
+from m1_jax.layers.expert_chunks import chunk_rows, swiglu_chunked
+from m1_jax.layers.experts import grouped_impl, sort_by_expert, swiglu_grouped
 from m1_jax.layers.moe import MoE, route
+from pallas_kernels.platform import tpu_target
 from tiny_models import tiny_config
 
 TOL = 1e-5  # relative to the largest entry of the compared array (fp32)
@@ -63,31 +66,97 @@ def _loss(moe, x, impl):
     return jnp.sum(y * jnp.sin(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape)))
 
 
-def test_dense_and_ragged_outputs_match_oracle(skewed):
+GROUPED_IMPLS = ("ragged", "chunked")
+
+
+def test_dense_and_grouped_outputs_match_oracle(skewed):
     moe, x = skewed
     ref = _numpy_moe(moe, x)
-    for impl in ("dense", "ragged"):
+    yd, _, auxd = moe(x, impl="dense")
+    for impl in ("dense",) + GROUPED_IMPLS:
         y, logits, aux = moe(x, impl=impl)
         assert y.shape == x.shape and logits.shape == (2, 19, E)
         _close(np.asarray(y).reshape(-1, D), ref, f"{impl} output vs numpy")
-    yd, _, auxd = moe(x, impl="dense")
-    yr, _, auxr = moe(x, impl="ragged")
-    _close(yr, yd, "ragged vs dense output")
-    assert float(auxd) == float(auxr)
+        _close(y, yd, f"{impl} vs dense output")
+        assert float(auxd) == float(aux)
 
 
-def test_dense_and_ragged_gradients_match(skewed):
+@pytest.mark.parametrize("impl", GROUPED_IMPLS)
+def test_dense_and_grouped_gradients_match(skewed, impl):
     moe, x = skewed
-    grads = {}
-    for impl in ("dense", "ragged"):
-        grads[impl] = nnx.grad(_loss, argnums=(0, 1))(moe, x, impl)
-    (gmd, gxd), (gmr, gxr) = grads["dense"], grads["ragged"]
+    gmd, gxd = nnx.grad(_loss, argnums=(0, 1))(moe, x, "dense")
+    gmr, gxr = nnx.grad(_loss, argnums=(0, 1))(moe, x, impl)
     _close(gxr, gxd, "d/dx")
     for name in ("w1", "w3", "w2", "gate"):
         _close(getattr(gmr, name)[...], getattr(gmd, name)[...], f"d/d{name}")
     # Expert 5 received no token: its gradient is exactly zero on both paths; expert 0's is not.
     for g in (gmd, gmr):
         assert not np.asarray(g.w1[...])[E - 1].any() and np.asarray(g.w1[...])[0].any()
+
+
+def test_auto_picks_ragged_for_tpu_and_chunked_elsewhere(skewed):
+    moe, x = skewed
+    assert grouped_impl() == "chunked"  # the tests run on CPU
+    with tpu_target():
+        assert grouped_impl() == "ragged"
+    _close(moe(x)[0], moe(x, impl="chunked")[0], "auto vs chunked")  # the default is auto
+    assert moe.impl == "auto"
+
+
+def _sorted_rows(seed, rows_per_expert):
+    """Rows sorted into runs of the given sizes (the trailing rows, past the runs, are padding)."""
+    k = jax.random.split(jax.random.key(seed), 4)
+    m = sum(rows_per_expert) + 3
+    e = len(rows_per_expert)
+    rows = jax.random.normal(k[0], (m, D))
+    w1, w3 = jax.random.normal(k[1], (e, D, I)) * 0.2, jax.random.normal(k[2], (e, D, I)) * 0.2
+    w2 = jax.random.normal(k[3], (e, I, D)) * 0.2
+    return rows, jnp.asarray(rows_per_expert, jnp.int32), w1, w3, w2
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 64])
+def test_chunked_matches_ragged_dot_on_any_chunking(chunk):
+    """Runs shorter than, equal to and spanning several chunks, an empty run, rows past all runs (zeros),
+    and a chunk larger than everything: values and all four gradients equal ragged_dot's."""
+    rows, sizes, w1, w3, w2 = _sorted_rows(chunk, [16, 0, 37, 3, 9])
+    got = swiglu_chunked(rows, sizes, w1, w3, w2, chunk)
+    want = swiglu_grouped(rows, sizes, w1, w3, w2, jnp.float32, "ragged")
+    _close(got, want, "chunked vs ragged_dot")
+    assert not np.asarray(got)[int(sizes.sum()):].any()
+
+    def loss(fn):
+        return lambda r, a, b, c: jnp.sum(jnp.tanh(fn(r, a, b, c)) * jnp.arange(D, dtype=jnp.float32))
+
+    g = jax.grad(loss(lambda r, a, b, c: swiglu_chunked(r, sizes, a, b, c, chunk)), argnums=(0, 1, 2, 3))
+    gr = jax.grad(loss(lambda r, a, b, c: swiglu_grouped(r, sizes, a, b, c, jnp.float32, "ragged")),
+                  argnums=(0, 1, 2, 3))
+    for name, a, b in zip(("rows", "w1", "w3", "w2"), g(rows, w1, w3, w2), gr(rows, w1, w3, w2)):
+        _close(a, b, f"d/d{name}")
+        if name != "rows":
+            assert not np.asarray(a)[1].any()  # the empty run's expert gets no gradient
+
+
+def test_chunk_rows_follows_the_average_run():
+    assert chunk_rows(2, 8) == 8  # one token decoding: the smallest chunk
+    assert chunk_rows(4096, 8) == 128 and chunk_rows(8192, 32) == 128  # capped
+    assert chunk_rows(600, 8) == 128 and chunk_rows(300, 8) == 64
+
+
+def test_chunked_runs_in_bfloat16():
+    rows, sizes, w1, w3, w2 = _sorted_rows(3, [5, 20, 11])
+    got = swiglu_grouped(rows, sizes, w1, w3, w2, jnp.bfloat16, "chunked")
+    want = swiglu_grouped(rows, sizes, w1, w3, w2, jnp.float32, "ragged")
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=0.05 * float(jnp.abs(want).max()))
+
+
+def test_sort_by_expert_groups_rows_in_expert_order():
+    x = jnp.arange(5 * D, dtype=jnp.float32).reshape(5, D)
+    experts = jnp.asarray([[2, 0], [1, 2], [0, 1], [2, 1], [0, 2]])
+    rows, counts, order = sort_by_expert(x, experts, 3, jnp.float32)
+    assert counts.tolist() == [3, 3, 4]
+    assert (np.asarray(experts).reshape(-1)[np.asarray(order)] == np.repeat([0, 1, 2], [3, 3, 4])).all()
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(x)[np.asarray(order) // 2])
 
 
 def test_aux_loss_counts_only_real_tokens(skewed):

@@ -35,14 +35,16 @@ def _dense(x, w, experts, w1, w3, w2):
     return out.reshape(x.shape)
 
 
-@pytest.mark.parametrize("spec, chunk", [("data=8", 2048), ("fsdp=2,expert=2,tensor=2", 2048),
-                                         ("expert=4,tensor=2", 4)])  # every ep | E; chunked routing
-def test_shard_map_moe_equals_dense_uneven_routing(problem, spec, chunk):
+@pytest.mark.parametrize("spec, chunk, grouped", [
+    ("data=8", 2048, "chunked"), ("fsdp=2,expert=2,tensor=2", 2048, "chunked"),
+    ("expert=4,tensor=2", 4, "chunked"),  # every ep | E; chunked routing
+    ("fsdp=2,expert=2,tensor=2", 2048, "ragged")])  # both grouped matmuls
+def test_shard_map_moe_equals_dense_uneven_routing(problem, spec, chunk, grouped):
     mesh = sharding.make_mesh(spec)
     ex = problem["experts"]
     args = (problem["x"], problem["w"], problem["w1"], problem["w3"], problem["w2"])
     sharded = lambda x, w, w1, w3, w2: experts_sharded(x, w, ex, w1, w3, w2, jnp.float32, mesh=mesh,
-                                                       chunk_tokens=chunk)
+                                                       chunk_tokens=chunk, grouped=grouped)
     dense = lambda x, w, w1, w3, w2: _dense(x, w, ex, w1, w3, w2)
     # a loss that weighs every output element differently, so gradients see every row
     probe = jax.random.normal(jax.random.key(1), (B, T, D))

@@ -51,7 +51,7 @@ from m1_jax.run_config import (RESUME_FIXED_FIELDS, RunConfig, RunConfigError, d
     ("model.dtype=int8", "model.dtype", "one of float32, bfloat16"),
     ("model.param_dtype=float64", "model.param_dtype", "one of float32, bfloat16"),
     ("model.remat=everything", "model.remat", "one of none, full, dots, dots_no_batch"),
-    ("model.moe_impl=sparse", "model.moe_impl", "one of ragged, dense"),
+    ("model.moe_impl=sparse", "model.moe_impl", "one of auto, ragged, chunked, dense"),
     ("model.lightning_impl=cuda", "model.lightning_impl", "one of auto, reference, xla, pallas"),
     ("model.seed=1180591620717411303424", "model.seed", r"in \[0, 2\*\*32\)"),
     ("model.config=", "model.config", "empty"),
