@@ -79,9 +79,26 @@ def combine(y: jax.Array, weights: jax.Array, order: jax.Array, dtype) -> jax.Ar
     return jnp.zeros((n, y.shape[-1]), dtype).at[order // k].add(y)
 
 
+def experts_gathered(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
+                     w2: jax.Array, dtype) -> jax.Array:
+    """Each (token, slot) row with its own expert's weights gathered: reads ``N * k`` expert matrices
+    instead of all of them, the cheap form when there are fewer rows than experts (decoding a few rows)."""
+    n, k = experts.shape
+    rows = jnp.repeat(x.astype(dtype), k, axis=0)  # [n * k, D], row r = token r // k, slot r % k
+    e = experts.reshape(-1)
+    mm = lambda a, w: jnp.einsum("md,mdi->mi", a, w.astype(dtype)[e])
+    y = mm(jax.nn.silu(mm(rows, w1)) * mm(rows, w3), w2)
+    return jnp.einsum("nkd,nk->nd", y.reshape(n, k, -1), weights.astype(dtype))
+
+
 def experts_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array, w3: jax.Array,
                     w2: jax.Array, dtype, impl: str = "ragged") -> jax.Array:
     """Token-sorted grouped matmuls (``impl``, one of :data:`GROUPED`) over all of ``w1.shape[0]`` experts
-    (one shard)."""
+    (one shard). ``"chunked"`` with fewer (token, slot) rows than experts gathers each row's expert
+    instead (:func:`experts_gathered`): on CPU, where a matmul operand sliced out of a larger array is
+    copied first, that copies only the experts in use (one decoding step of 1 row, 8 experts of 512 x
+    1024: 8 ms for 8 layers instead of 127 ms)."""
+    if impl == "chunked" and experts.size < w1.shape[0]:
+        return experts_gathered(x, weights, experts, w1, w3, w2, dtype)
     rows, counts, order = sort_by_expert(x, experts, w1.shape[0], dtype)
     return combine(swiglu_grouped(rows, counts, w1, w3, w2, dtype, impl), weights, order, dtype)
