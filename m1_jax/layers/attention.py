@@ -16,6 +16,7 @@ from flax import nnx
 from m1_jax.cache import CacheStep
 from m1_jax.config import M1Config
 from m1_jax.layers.blockwise import blockwise_attention, key_block
+from m1_jax.layers.causal_tiles import tiled_causal_attention
 from m1_jax.layers.common import matmul, param
 from m1_jax.layers.rope import apply_rope
 from m1_jax.layers.splash import log_fallback, splash_attention, unsupported_reason
@@ -48,15 +49,15 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 
     Causality is by index (positions may restart inside a packed row); documents by segment id.
     When tracing for TPU (a TPU backend or ``pallas_kernels.platform.tpu_target()``) shapes the
-    Pallas splash kernel accepts run through it (:mod:`m1_jax.layers.splash`); otherwise XLA.
+    Pallas splash kernel accepts run through it (:mod:`m1_jax.layers.splash`); otherwise the tiled XLA
+    path (:mod:`m1_jax.layers.causal_tiles`), which skips the masked tiles and never builds [T, T] scores.
     """
     if targeting_tpu():
         reason = unsupported_reason(q.shape, k.shape)
         if reason is None:
             return splash_attention(q, k, v, segment_ids)
         log_fallback(reason)
-    idx = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
-    return gqa_attention(q, k, v, attention_mask(idx, idx, segment_ids, segment_ids))
+    return tiled_causal_attention(q, k, v, segment_ids)
 
 
 class SoftmaxAttention(nnx.Module):

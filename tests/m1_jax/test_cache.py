@@ -12,6 +12,7 @@ import m1_jax
 from m1_jax.cache import cache_shapes, round_max_len
 from m1_jax.config import FULL, LINEAR, M1Config, kv_cache_bytes, lightning_state_bytes
 from m1_jax.generation import decode_step, prefill
+from m1_jax.layers import blockwise
 from m1_jax.layers.blockwise import blockwise_attention, key_block
 from tiny_models import tiny_config
 
@@ -37,10 +38,28 @@ def dense_reference(q, keys, values, q_pos, kv_len):
     return out
 
 
-@pytest.mark.parametrize("block", [8, 32])
-def test_blockwise_attention_matches_dense(block):
+# (key block, query rows per tile, one batch row per tile): query blocks of 1 token (a decode step's
+# tile), of 4 and 2 tokens, and the default (one query block). Tiles under 8 rows put the keys on the long
+# side of the score matmul (the decode form).
+TILINGS = [(8, 2, False), (8, 8, True), (32, 4, False), (4, blockwise.QUERY_ROWS, False)]
+
+
+@pytest.fixture
+def tiling(monkeypatch):
+    def set_tiling(query_rows, row_per_tile):
+        monkeypatch.setattr(blockwise, "QUERY_ROWS", query_rows)
+        if row_per_tile:
+            monkeypatch.setattr(blockwise, "TILE_BYTES", 0)
+        monkeypatch.setattr(blockwise, "FEW_ROWS", 8)
+    return set_tiling
+
+
+@pytest.mark.parametrize("Tq", [1, 5, 19])
+@pytest.mark.parametrize("block,query_rows,row_per_tile", TILINGS, ids=[f"keys{t[0]}-rows{t[1]}" for t in TILINGS])
+def test_blockwise_attention_matches_dense(block, query_rows, row_per_tile, Tq, tiling):
+    tiling(query_rows, row_per_tile)
     rng = np.random.default_rng(7)
-    B, Tq, H, KV, d, S = 3, 5, 4, 2, 8, 32
+    B, H, KV, d, S = 3, 4, 2, 8, 32
     q = rng.normal(size=(B, Tq, H, d)).astype(np.float32)
     keys = rng.normal(size=(B, S, KV, d)).astype(np.float32)
     values = rng.normal(size=(B, S, KV, d)).astype(np.float32)
@@ -52,6 +71,24 @@ def test_blockwise_attention_matches_dense(block):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     assert not np.asarray(got[2]).any()  # a query that sees no key gets zeros
     assert np.isfinite(np.asarray(got)).all()
+
+
+@pytest.mark.parametrize("block,query_rows,row_per_tile", TILINGS, ids=[f"keys{t[0]}-rows{t[1]}" for t in TILINGS])
+def test_blockwise_attention_any_positions(block, query_rows, row_per_tile, tiling):
+    """Positions in any order per row, some past the row's length, some before its first key."""
+    tiling(query_rows, row_per_tile)
+    rng = np.random.default_rng(8)
+    B, Tq, H, KV, d, S = 2, 9, 4, 2, 8, 32
+    q = rng.normal(size=(B, Tq, H, d)).astype(np.float32)
+    keys = rng.normal(size=(B, S, KV, d)).astype(np.float32)
+    values = rng.normal(size=(B, S, KV, d)).astype(np.float32)
+    kv_len = np.array([29, 13], np.int32)
+    q_pos = np.array([[8, 0, 31, 16, 3, 4, 24, 17, 12], [-1, 12, 4, 30, 8, 0, 5, 13, 9]], np.int32)
+    got = blockwise_attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values), jnp.asarray(q_pos),
+                              jnp.asarray(kv_len), block=block)
+    want = dense_reference(q, keys, values, q_pos, kv_len)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert not np.asarray(got[1, 0]).any()
 
 
 def test_layout_matches_the_parameter_stack():
