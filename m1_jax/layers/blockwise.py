@@ -27,8 +27,11 @@ QUERY_ROWS = 512
 # A float32 score tile with all batch rows up to this size takes them together; beyond it each batch row
 # is its own tile (a decode step keeps the batch together, a long prefill goes row by row).
 TILE_BYTES = 4 << 20
-# Tiles with fewer query rows (decode steps) put the keys on the long side of the score matmul.
+# Tiles with fewer query rows (decode steps) put the keys on the long side of the score matmul and read
+# the cache in blocks of up to MAX_KEY_BLOCK slots; tiles with more (prefill, the full-sequence path) read
+# blocks of up to ROWS_KEY_BLOCK keys.
 FEW_ROWS = 32
+ROWS_KEY_BLOCK = 256
 
 
 def key_block(max_len: int) -> int:
@@ -163,16 +166,18 @@ def blockwise_attention(q: jax.Array, keys: jax.Array, values: jax.Array, q_pos:
     q [B, Tq, H, d] (already rotated) at cache slots ``q_pos`` int [B, Tq]; keys/values [B, S, KV, d];
     kv_len int [B]: slots ``< kv_len`` hold real keys. Query ``t`` sees slots ``<= q_pos[t]``. A query
     that sees no key gets zeros. Returns [B, Tq, H, d] in q's dtype; the softmax is float32. Keys are
-    read in blocks of ``block`` slots; each query block reads only the blocks up to its last position.
+    read in blocks of ``block`` slots (at most ``ROWS_KEY_BLOCK`` for tiles of many query rows); each
+    query block reads only the blocks up to its last position.
     """
-    B, Tq, H, d = q.shape
+    B, Tq, H, _ = q.shape
     S, KV = keys.shape[1], keys.shape[2]
     if S % block:
         raise ValueError(f"cache length {S} is not a multiple of the key block {block}")
     G = H // KV
     bq = query_block(Tq, G)
-    rows = rows_per_tile(B, KV, bq, G, block)
+    bk = block if bq * G < FEW_ROWS else math.gcd(block, ROWS_KEY_BLOCK)
+    rows = rows_per_tile(B, KV, bq, G, bk)
     qpos_t = tile_ints(q_pos.astype(jnp.int32), bq, G, rows, fill=-1)
     o, _ = forward_tiles(to_tiles(q, bq, KV, rows), keys, values, qpos_t, kv_len.astype(jnp.int32),
-                         group=G, k_block=block)
+                         group=G, k_block=bk)
     return from_tiles(o, B, Tq, G).astype(q.dtype)

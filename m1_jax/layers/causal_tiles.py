@@ -17,36 +17,33 @@ import math
 import jax
 import jax.numpy as jnp
 
-from m1_jax.layers.blockwise import (forward_tiles, from_tiles, query_block, rows_per_tile, tile_ints,
-                                     tile_mask, to_tiles)
-
-# Key block of the full-sequence path (the query block is ``blockwise.query_block``).
-FULL_KEY_BLOCK = 256
+from m1_jax.layers import blockwise
 
 
 def _plan(batch: int, seq: int, heads: int, kv_heads: int) -> tuple[int, int, int, int]:
     """(query block, key block, batch rows per tile, padded key length) for a [batch, seq] call."""
     G = heads // kv_heads
-    bq = query_block(seq, G)
-    bk = min(FULL_KEY_BLOCK, seq)
-    return bq, bk, rows_per_tile(batch, kv_heads, bq, G, bk), -(-seq // bk) * bk
+    bq = blockwise.query_block(seq, G)
+    bk = min(blockwise.ROWS_KEY_BLOCK, seq)
+    return bq, bk, blockwise.rows_per_tile(batch, kv_heads, bq, G, bk), -(-seq // bk) * bk
 
 
 def _tiled_inputs(q, k, v, segment_ids):
-    B, T, H, d = q.shape
+    """Query tiles, keys/values padded to whole key blocks, tiled query positions and segment ids."""
+    B, T, H, _ = q.shape
     KV = k.shape[2]
     G = H // KV
-    bq, bk, rows, S = _plan(B, T, H, KV)
+    bq, _, rows, S = _plan(B, T, H, KV)
     pad = ((0, 0), (0, S - T), (0, 0), (0, 0))
     idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    qpos_t = tile_ints(idx, bq, G, rows, fill=-1)
+    qpos_t = blockwise.tile_ints(idx, bq, G, rows, fill=-1)
     if segment_ids is None:
         qseg_t = kseg = None
     else:
         seg = segment_ids.astype(jnp.int32)
-        qseg_t = tile_ints(seg, bq, G, rows, fill=-1)
+        qseg_t = blockwise.tile_ints(seg, bq, G, rows, fill=-1)
         kseg = jnp.pad(seg, ((0, 0), (0, S - T)), constant_values=-1)
-    return to_tiles(q, bq, KV, rows), jnp.pad(k, pad), jnp.pad(v, pad), qpos_t, qseg_t, kseg
+    return blockwise.to_tiles(q, bq, KV, rows), jnp.pad(k, pad), jnp.pad(v, pad), qpos_t, qseg_t, kseg
 
 
 def _forward(q, k, v, segment_ids):
@@ -54,9 +51,9 @@ def _forward(q, k, v, segment_ids):
     G = H // k.shape[2]
     _, bk, _, _ = _plan(B, T, H, k.shape[2])
     qt, kp, vp, qpos_t, qseg_t, kseg = _tiled_inputs(q, k, v, segment_ids)
-    o_t, lse_t = forward_tiles(qt, kp, vp, qpos_t, jnp.full((B,), T, jnp.int32), group=G, k_block=bk,
+    o_t, lse_t = blockwise.forward_tiles(qt, kp, vp, qpos_t, jnp.full((B,), T, jnp.int32), group=G, k_block=bk,
                                qseg_t=qseg_t, kseg=kseg)
-    return from_tiles(o_t, B, T, G).astype(q.dtype), (q, k, v, segment_ids, o_t, lse_t)
+    return blockwise.from_tiles(o_t, B, T, G).astype(q.dtype), (q, k, v, segment_ids, o_t, lse_t)
 
 
 def _backward(res, do):
@@ -66,7 +63,7 @@ def _backward(res, do):
     G = H // KV
     bq, bk, rows, S = _plan(B, T, H, KV)
     qt, kp, vp, qpos_t, qseg_t, kseg = _tiled_inputs(q, k, v, segment_ids)
-    dot = to_tiles(do, bq, KV, rows)
+    dot = blockwise.to_tiles(do, bq, KV, rows)
     delta = jnp.sum(dot.astype(jnp.float32) * o_t, axis=-1)  # [tiles, rows, KV, n]
     lse = jnp.where(jnp.isfinite(lse_t), lse_t, 0.0)  # padding queries: masked below
     n_tiles, _, _, n, _ = qt.shape
@@ -94,9 +91,9 @@ def _backward(res, do):
 
             def body(i, carry):
                 dq, dk, dv = carry
-                at = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)  # noqa: E731
+                at = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
                 qb, dob = at(qg), at(dog)
-                mask = tile_mask(at(qposg), kpos, lens, at(qsegg) if segments else None, ks)
+                mask = blockwise.tile_mask(at(qposg), kpos, lens, at(qsegg) if segments else None, ks)
                 s = jnp.einsum("bkrd,bskd->bkrs", qb, kb, preferred_element_type=jnp.float32) * scale
                 p = jnp.where(mask, jnp.exp(s - at(lg)[..., None]), 0.0)
                 dv = dv + jnp.einsum("bkrs,bkrd->bksd", p.astype(dob.dtype), dob,
@@ -120,7 +117,7 @@ def _backward(res, do):
             per_group(qseg_t) if segments else zero, per_rows(kp), per_rows(vp),
             per_rows(kseg) if segments else zero)
     dq, dk, dv = jax.lax.map(group, args)  # dq [ng, nq, rows, KV, n, d]; dk/dv [ng, nk, rows, KV, bk, d]
-    dq = from_tiles(dq.reshape(n_tiles, rows, KV, n, d) * scale, B, T, G).astype(q.dtype)
+    dq = blockwise.from_tiles(dq.reshape(n_tiles, rows, KV, n, d) * scale, B, T, G).astype(q.dtype)
 
     def keys_back(x):
         return x.transpose(0, 2, 1, 4, 3, 5).reshape(B, S, KV, d)[:, :T]
