@@ -19,6 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from m1_jax import sharding
+
 # Largest key block of the blockwise attention over the cache.
 MAX_KEY_BLOCK = 512
 # Query rows per tile: query tokens x query heads per KV head (the heads sharing a KV head share the keys,
@@ -45,7 +47,14 @@ def query_block(q_len: int, group: int) -> int:
 
 
 def rows_per_tile(batch: int, kv_heads: int, q_block: int, group: int, k_block: int) -> int:
-    """Batch rows one tile holds: all of them while the float32 scores fit ``TILE_BYTES``, else one."""
+    """Batch rows one tile holds: all of them while the float32 scores fit ``TILE_BYTES``, else one.
+
+    Under an active mesh of several devices always all of them: the batch (and head) dimensions then
+    stay whole dimensions of every tile, which XLA's partitioner splits across devices; slicing single
+    rows out of a sharded batch would gather it on every device."""
+    mesh = sharding.active_mesh()
+    if mesh is not None and mesh.size > 1:
+        return batch
     return batch if batch * kv_heads * q_block * group * k_block * 4 <= TILE_BYTES else 1
 
 

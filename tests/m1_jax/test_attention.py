@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from m1_jax import sharding
 from m1_jax.layers import blockwise
 from m1_jax.layers.attention import attention_mask, causal_attention, gqa_attention
 from m1_jax.layers.blockwise import key_blocks_seen, tile_ints
@@ -131,3 +132,26 @@ def test_query_blocks_visit_only_the_key_blocks_they_see():
     # a query at the first slot of a block needs that block
     seen = key_blocks_seen(tile_ints(jnp.array([[0, 2, 4, 1]], jnp.int32), 4, 2, 1, fill=-1), jnp.array([16]), 1, 4, 16)
     np.testing.assert_array_equal(seen, [2])
+
+
+def test_under_a_mesh_tiles_keep_the_sharded_batch(blocks):
+    """With one batch row per tile the rows would be sliced out of a batch split across devices (an
+    all-gather on each); under a mesh the tiles keep the batch, and the values stay those of one device."""
+    blocks(16, 8, True, False)
+    mesh = sharding.make_mesh("data=2,tensor=2", jax.devices()[:4])
+    q, k, v, w = _qkv(2, 40, 4, 2, 8)
+    seg = _segments(2, 40)
+    put = lambda x, names: jax.device_put(x, sharding.named_sharding(names, mesh, x.shape))
+    args = (put(q, ("batch", "length", "heads", None)), put(k, ("batch", "length", "kv_heads", None)),
+            put(v, ("batch", "length", "kv_heads", None)), put(seg, ("batch", "length")))
+
+    def grads(q, k, v, seg):
+        with sharding.activate(mesh):
+            return jax.grad(lambda q, k, v: jnp.sum(tiled_causal_attention(q, k, v, seg) * w), (0, 1, 2))(q, k, v)
+
+    step = jax.jit(grads)
+    assert "all-gather" not in step.lower(*args).compile().as_text()
+    want = jax.jit(lambda q, k, v, seg: jax.grad(
+        lambda q, k, v: jnp.sum(tiled_causal_attention(q, k, v, seg) * w), (0, 1, 2))(q, k, v))(q, k, v, seg)
+    for got, ref in zip(step(*args), want):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
