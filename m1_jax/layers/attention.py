@@ -1,8 +1,11 @@
 """Softmax attention layer (every 8th layer of M1): GQA with partial rotary embedding.
 
 Query head ``h`` reads KV head ``h // (heads / kv_heads)``; scores ``q k^T / sqrt(head_dim)`` with a
-float32 softmax under a causal (and same-segment) mask. The full-sequence forward runs the Pallas
-splash-attention kernel when tracing for TPU (:mod:`m1_jax.layers.splash`), XLA otherwise.
+float32 softmax under a causal (and same-segment) mask. The full-sequence path runs the Pallas
+splash-attention kernel when tracing for TPU (:mod:`m1_jax.layers.splash`), otherwise XLA in tiles that
+skip the masked ones, forward and backward (:mod:`m1_jax.layers.causal_tiles`); attention against the
+KV cache is tiled the same way (:mod:`m1_jax.layers.blockwise`). :func:`gqa_attention` with
+:func:`attention_mask` is the dense reference: [T, T] scores, the masked half computed.
 """
 
 from __future__ import annotations

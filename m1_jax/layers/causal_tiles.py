@@ -8,6 +8,24 @@ log-sum-exps, FlashAttention-2 style: per batch row group, a scan over key block
 ``dK``/``dV`` over the query blocks that see it and adds each tile's ``dQ`` into a carried accumulator,
 so it too touches only the lower triangle. Causality is by index; with ``segment_ids`` a query also sees
 only keys of its own segment (masked inside the visited tiles).
+
+Measured side by side on a 2-core AMD EPYC (float32, 8 query / 4 KV heads x 64, 2,048 tokens; a 2048^3
+``jnp.dot`` runs at ~210 GFLOP/s there; GFLOP/s count the causal half, ``2 T^2 heads head_dim`` per row
+forward and 3x that forward + backward), ``python tools/bench_attention.py``:
+
+=============================  ====================================  ====================
+                               dense ``gqa_attention`` (before)      tiles
+=============================  ====================================  ====================
+forward, batch 1               291 ms (15 GFLOP/s)                   37 ms (116 GFLOP/s)
+forward + backward, batch 1    869 ms (15 GFLOP/s)                   153 ms (84 GFLOP/s)
+forward, batch 8               2,609 ms (13 GFLOP/s)                 316 ms (109 GFLOP/s)
+forward + backward, batch 8    7,588 ms (14 GFLOP/s)                 1,515 ms (68 GFLOP/s)
+=============================  ====================================  ====================
+
+The other way to skip the masked half, a static set of pieces (each query block against the whole key
+prefix it sees, one masked dense softmax per piece, differentiated by JAX), keeps float32 [query block,
+prefix] scores and the softmax's passes over them in memory: in one run at batch 1 it took 72 ms forward
+and 274 ms forward + backward where the tiles took 39 and 138 ms (and the dense path 303 and 903 ms).
 """
 
 from __future__ import annotations
