@@ -182,7 +182,7 @@ def forward_tiles(qt: jax.Array, keys: jax.Array, values: jax.Array, qpos_t: jax
 
     qseg_arg = qseg_t if segments else jnp.zeros((n_tiles,), jnp.int32)
     args = (jnp.arange(n_tiles), qt, qpos_t, qseg_arg, seen)
-    if n_tiles == 1:  # a decode step: no loop over tiles
+    if n_tiles == 1:  # a decode step or a short input: no loop over tiles
         return jax.tree.map(lambda x: x[None], tile(jax.tree.map(lambda x: x[0], args)))
     return jax.lax.map(tile, args)
 
