@@ -121,8 +121,8 @@ def main(argv=None):
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     lens = jnp.full((B,), T, jnp.int32)
     blk = key_block(T)
-    rows.append((f"cache prefill ({T} slots)", fwd_flops, jax.jit(lambda *a: key_blocks_only(*a, block=blk)),
-                 jax.jit(lambda *a: blockwise_attention(*a, block=blk)), (q, k, v, pos, lens), 2))
+    rows.append((f"cache prefill ({T} slots)", fwd_flops, jax.jit(lambda *a, blk=blk: key_blocks_only(*a, block=blk)),
+                 jax.jit(lambda *a, blk=blk: blockwise_attention(*a, block=blk)), (q, k, v, pos, lens), 2))
     for S in (int(s) for s in args.decode_caches.split(",") if s):
         ctx = S - S // 16
         kc, vc = normal(B, S, KV, d), normal(B, S, KV, d)
