@@ -163,9 +163,15 @@ def train_step_fn(graphdef, opts: StepOptions, schedule: optax.Schedule):
         loss = sums["ce"] / total
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(sums["aux"])
         lr = schedule(optimizer.step[...])
-        optimizer.update(model, grads)
-        new_leaves = jax.tree.leaves(nnx.state((model, optimizer)))
-        new_state = jax.tree.unflatten(treedef, [jnp.where(ok, n, o) for n, o in zip(new_leaves, old_leaves)])
+
+        def update(leaves):
+            model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+            optimizer.update(model, grads)
+            return jax.tree.leaves(nnx.state((model, optimizer)))
+
+        # Only a finite step is applied; a cond rather than a select over every parameter and moment (which
+        # read both versions of all of them, and made XLA copy the moments to keep the old ones alive).
+        new_state = jax.tree.unflatten(treedef, jax.lax.cond(ok, update, lambda leaves: leaves, old_leaves))
         metrics = {"loss": loss, "aux_loss": sums["aux"], "z_loss": sums["z"] / total, "grad_norm": grad_norm,
                    "lr": lr, "tokens": sums["tokens"], "ok": ok.astype(jnp.int32)}
         return new_state, metrics
