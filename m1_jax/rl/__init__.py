@@ -1,0 +1,11 @@
+"""Reinforcement learning on sampled responses with verifiable rewards.
+
+* :mod:`m1_jax.rl.objectives` (JAX): group advantages and the policy-gradient objectives CISPO (MiniMax-M1),
+  GRPO and DAPO over per-token arrays, with their metrics, and the table that picks one by name.
+* :mod:`m1_jax.rl.logprobs` (JAX): log-probabilities of chosen tokens and the entropy of each position, from logits.
+* :mod:`m1_jax.rl.rollout_filters` (NumPy): dynamic sampling (which groups to keep) and M1's repetition stop.
+* :mod:`m1_jax.rl.rewards` (no JAX): the registry of verifiable rewards and the loader of a user's
+  ``module:function``; :mod:`m1_jax.rl.code_runner` runs Python code under time and memory limits.
+
+Nothing is imported here, so the reward and filter modules load without JAX.
+"""
