@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp

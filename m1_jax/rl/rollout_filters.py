@@ -3,11 +3,13 @@
 * Dynamic sampling (DAPO): a group whose responses all score the same has zero advantage everywhere, so it
   carries no gradient and only dilutes the token count; :func:`informative_groups` says which groups to keep
   (the loop drops the others and samples more prompts to refill the batch).
-* M1's repetition stop (the MiniMax-M1 report's early truncation): a response is ended once ``run_length`` consecutive tokens were
-  each sampled with probability > ``threshold`` (0.99; the report used 3,000 tokens): such a stretch is
-  almost always a loop of repeated text, and long ones destabilise training. :func:`repetition_stop` gives
-  the index where each response ends, from the probabilities the rollout recorded (``exp`` of
-  :attr:`m1_jax.generation.Generation.logprobs`); the tokens after it are dropped from the update.
+* M1's repetition stop (the MiniMax-M1 report's early truncation): a response is ended once
+  ``run_length`` consecutive tokens were each sampled with probability > ``threshold`` (0.99; the report
+  used 3,000 tokens), the sign of a model repeating itself, which the report cuts short to keep training
+  stable. :func:`repetition_stop` gives the index where each response ends, from the probabilities the
+  rollout recorded (``exp`` of :attr:`m1_jax.generation.Generation.logprobs`); the tokens after it are
+  dropped from the update. It runs after generation: it truncates the training data, it does not save
+  the decode steps past the stop.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def repetition_stop(probs, mask, *, run_length: int, threshold: float = 0.99) ->
     p, m = np.asarray(probs), np.asarray(mask) > 0
     if p.ndim != 2 or p.shape != m.shape:
         raise ValueError(f"probs {p.shape} and mask {m.shape} must both be [batch, time]")
-    B, T = p.shape
+    T = p.shape[1]
     t = np.arange(T)
     high = m & (p > threshold)
     last_break = np.maximum.accumulate(np.where(high, -1, t), axis=1)  # latest position not in a run, or -1
