@@ -57,10 +57,11 @@ class CacheStep(NamedTuple):
         return jnp.arange(time, dtype=jnp.int32)[None] < self.n_valid[:, None]
 
 
-# One period's cache as the layer scan walks it: (lightning states, keys, values), and one layer's slice:
-# a lightning state, or a (keys, values) pair.
+# The cache as the layer scan walks it: (lightning states, keys, values), each with a leading period axis
+# (the scan hands each period its lightning states; the keys and values stay whole, indexed in place); and
+# one layer's part: a lightning state, or (keys, values, (period, index)) for a softmax layer.
 CacheLayers = tuple[jax.Array, jax.Array, jax.Array]
-LayerCache = jax.Array | tuple[jax.Array, jax.Array]
+LayerCache = jax.Array | tuple[jax.Array, jax.Array, tuple]
 
 
 @jax.tree_util.register_dataclass

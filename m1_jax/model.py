@@ -109,29 +109,38 @@ class M1Model(nnx.Module):
         ``"dots_no_batch"`` also the matmul outputs (``jax.checkpoint_policies``).
 
         With ``cache`` (:attr:`m1_jax.cache.Cache.layers`, stacked per period like the parameters) and
-        ``step`` (:class:`m1_jax.cache.CacheStep`) the scan walks the cache with the weights."""
+        ``step`` (:class:`m1_jax.cache.CacheStep`) the scan walks the lightning states with the weights and
+        carries the keys and values of all softmax layers, which each layer updates and reads in place
+        (slicing a layer's KV cache out of the stack and back would copy it whole at every step)."""
         cfg = self.cfg
         slopes = jnp.asarray(period_slopes(cfg))
         graphdef, state = nnx.split(self.periods)
+        # With a cache the keys and values of all softmax layers ride in the carry and each layer updates its
+        # slice in place; the small lightning states go period by period with the weights.
+        states, kv = (None, None) if cache is None else (cache[0], cache[1:])
 
-        def body(x, xs):
-            st, sl, c = xs
+        def body(carry, xs):
+            x, kv = carry
+            st, sl, c, p = xs
+            c = None if kv is None else (c, *kv, p)
             x, outs, aux, c = nnx.merge(graphdef, st)(x, positions=positions, slopes=sl, segment_ids=segment_ids,
                                                       moe_impl=moe_impl, collect=collect, cache=c, step=step)
-            return x, (outs, aux, c)
+            return (x, None if c is None else c[1:]), (outs, aux, None if c is None else c[0])
 
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        periods = jnp.arange(cfg.num_periods, dtype=jnp.int32)
         if self.scan_layers if scan is None else scan:
-            x, (outs, aux, cache) = jax.lax.scan(body, x, (state, slopes, cache))
+            (x, kv), (outs, aux, states) = jax.lax.scan(body, (x, kv), (state, slopes, states, periods))
         else:
             ys = []
             for i in range(cfg.num_periods):
-                x, y = body(x, jax.tree.map(lambda a: a[i], (state, slopes, cache)))
+                (x, kv), y = body((x, kv), jax.tree.map(lambda a: a[i], (state, slopes, states, periods)))
                 ys.append(y)
-            outs, aux, cache = jax.tree.map(lambda *a: jnp.stack(a), *ys)
+            outs, aux, states = jax.tree.map(lambda *a: jnp.stack(a), *ys)
+        cache = None if cache is None else (states, *kv)
         flat = lambda a: a.reshape((cfg.num_hidden_layers,) + a.shape[2:])
         return x, (flat(outs) if collect else None), flat(aux), cache
 

@@ -90,21 +90,24 @@ class SoftmaxAttention(nnx.Module):
         o = causal_attention(q, k, v, segment_ids)
         return matmul(o, self.o_proj[...], contract=2, dtype=self.dtype)
 
-    def cached(self, h: jax.Array, keys: jax.Array, values: jax.Array,
-               step: CacheStep) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def cached(self, h: jax.Array, keys: jax.Array, values: jax.Array, step: CacheStep,
+               layer: tuple = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Attention of ``h`` [batch, time, hidden] against a KV cache, writing the new keys first.
 
         ``step`` (:class:`m1_jax.cache.CacheStep`): token ``t`` of row ``b`` is real iff
         ``t < n_valid[b]`` and goes to slot (and RoPE position) ``start[b] + t``; padding is not
-        written. keys/values [batch, max_len, kv_heads, head_dim] -> (output, keys, values).
+        written. keys/values [batch, max_len, kv_heads, head_dim], or the cache of all layers with
+        leading axes that the integer indices ``layer`` pick this layer from (written and read in place)
+        -> (output, keys, values).
         """
         B, T = h.shape[:2]
-        S = keys.shape[1]
+        S = keys.shape[len(layer) + 1]
         positions = step.positions(T)
         q, k, v = self.project_qkv(h, positions)
         slots = jnp.where(step.real(T), positions, S)  # out of range: dropped
-        rows = jnp.arange(B)[:, None]
-        keys = keys.at[rows, slots].set(k.astype(keys.dtype), mode="drop")
-        values = values.at[rows, slots].set(v.astype(values.dtype), mode="drop")
-        o = blockwise_attention(q, keys, values, positions, step.start + step.n_valid, block=key_block(S))
+        at = (*layer, jnp.arange(B)[:, None], slots)
+        keys = keys.at[at].set(k.astype(keys.dtype), mode="drop")
+        values = values.at[at].set(v.astype(values.dtype), mode="drop")
+        o = blockwise_attention(q, keys, values, positions, step.start + step.n_valid, block=key_block(S),
+                                layer=layer)
         return matmul(o, self.o_proj[...], contract=2, dtype=self.dtype), keys, values

@@ -127,16 +127,20 @@ def tile_mask(qpos: jax.Array, kpos: jax.Array, lens: jax.Array, qseg: jax.Array
 
 def forward_tiles(qt: jax.Array, keys: jax.Array, values: jax.Array, qpos_t: jax.Array, kv_len: jax.Array,
                   *, group: int, k_block: int, qseg_t: jax.Array | None = None,
-                  kseg: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  kseg: jax.Array | None = None, layer: tuple = ()) -> tuple[jax.Array, jax.Array]:
     """Online-softmax attention of query tiles against the keys, each tile over the key blocks it sees.
 
     qt [tiles, rows, KV, n, d] (:func:`to_tiles`); keys/values [B, S, KV, d] with ``S`` a multiple of
     ``k_block``; qpos_t int [tiles, rows, n] (:func:`tile_ints`, padding -1); kv_len int [B]; optional
     segment ids qseg_t [tiles, rows, n] and kseg [B, S]. Returns float32 outputs [tiles, rows, KV, n, d]
     (zeros for a query that sees no key) and log-sum-exps [tiles, rows, KV, n] (-inf there).
+
+    ``layer``: integer indices into leading axes of keys/values (the stacked cache of all layers,
+    ``[..., B, S, KV, d]``): the key blocks are read from there in place, the cache is never sliced whole.
     """
     n_tiles, rows, KV, n, d = qt.shape
-    S = keys.shape[1]
+    lead = len(layer)
+    S = keys.shape[lead + 1]
     n_groups = kv_len.shape[0] // rows
     nq = n_tiles // n_groups
     scale = 1.0 / math.sqrt(d)
@@ -152,8 +156,9 @@ def forward_tiles(qt: jax.Array, keys: jax.Array, values: jax.Array, qpos_t: jax
         def body(j, carry):
             m, l, acc = carry  # [rows, KV, n], [rows, KV, n], [rows, KV, n, d]
             start = j * k_block
-            kb = jax.lax.dynamic_slice(keys, (b0, start, 0, 0), (rows, k_block, KV, d))
-            vb = jax.lax.dynamic_slice(values, (b0, start, 0, 0), (rows, k_block, KV, d))
+            size = (1,) * lead + (rows, k_block, KV, d)
+            kb = jax.lax.dynamic_slice(keys, (*layer, b0, start, 0, 0), size).reshape(size[lead:])
+            vb = jax.lax.dynamic_slice(values, (*layer, b0, start, 0, 0), size).reshape(size[lead:])
             ks = jax.lax.dynamic_slice(kseg, (b0, start), (rows, k_block)) if segments else None
             kpos = start + jnp.arange(k_block, dtype=jnp.int32)
             mask = tile_mask(qpos, kpos, lens, qseg if segments else None, ks)
@@ -188,17 +193,18 @@ def forward_tiles(qt: jax.Array, keys: jax.Array, values: jax.Array, qpos_t: jax
 
 
 def blockwise_attention(q: jax.Array, keys: jax.Array, values: jax.Array, q_pos: jax.Array,
-                        kv_len: jax.Array, *, block: int) -> jax.Array:
+                        kv_len: jax.Array, *, block: int, layer: tuple = ()) -> jax.Array:
     """Causal GQA attention of ``q`` against the first ``kv_len`` slots of the cache.
 
     q [B, Tq, H, d] (already rotated) at cache slots ``q_pos`` int [B, Tq]; keys/values [B, S, KV, d];
     kv_len int [B]: slots ``< kv_len`` hold real keys. Query ``t`` sees slots ``<= q_pos[t]``. A query
     that sees no key gets zeros. Returns [B, Tq, H, d] in q's dtype; the softmax is float32. Keys are
     read in blocks of ``block`` slots (at most ``ROWS_KEY_BLOCK`` for tiles of many query rows); each
-    query block reads only the blocks up to its last position.
+    query block reads only the blocks up to its last position. ``layer``: indices into leading axes of
+    keys/values when they hold the cache of all layers (read in place, see :func:`forward_tiles`).
     """
     B, Tq, H, _ = q.shape
-    S, KV = keys.shape[1], keys.shape[2]
+    S, KV = keys.shape[len(layer) + 1], keys.shape[len(layer) + 2]
     if S % block:
         raise ValueError(f"cache length {S} is not a multiple of the key block {block}")
     G = H // KV
@@ -207,5 +213,5 @@ def blockwise_attention(q: jax.Array, keys: jax.Array, values: jax.Array, q_pos:
     rows = rows_per_tile(B, KV, bq, G, bk)
     qpos_t = tile_ints(q_pos.astype(jnp.int32), bq, G, rows, fill=-1)
     o, _ = forward_tiles(to_tiles(q, bq, KV, rows), keys, values, qpos_t, kv_len.astype(jnp.int32),
-                         group=G, k_block=bk)
+                         group=G, k_block=bk, layer=layer)
     return from_tiles(o, B, Tq, G).astype(q.dtype)

@@ -45,7 +45,8 @@ class DecoderLayer(nnx.Module):
                  cache: LayerCache | None = None, step: CacheStep | None = None):
         """-> (output, aux loss, updated cache or None). ``slopes`` is only read by lightning layers.
 
-        With ``cache`` (this layer's slice: the lightning state, or a (keys, values) pair) and ``step``
+        With ``cache`` (this layer's part: its lightning state, or (keys, values, layer) with the KV cache of
+        all softmax layers and this layer's indices into its leading axes) and ``step``
         (:class:`m1_jax.cache.CacheStep`) the layer runs against the inference cache; ``segment_ids`` then
         marks the real tokens (1) and padding (0)."""
         x = sharding.constrain(x, sharding.HIDDEN)
@@ -72,7 +73,8 @@ class DecoderLayer(nnx.Module):
             else:
                 attn, cache = self.self_attn(h, slopes, segment_ids=segment_ids, state=cache)
         else:
-            attn, keys, values = self.self_attn.cached(h, *cache, step)
+            keys, values, layer = cache
+            attn, keys, values = self.self_attn.cached(h, keys, values, step, layer=layer)
             cache = (keys, values)
         return attn, cache
 
@@ -91,25 +93,27 @@ class Period(nnx.Module):
         updated cache or None).
 
         Per-layer outputs are stacked only with ``collect`` (debugging; otherwise ``None``). ``cache`` is
-        this period's (lightning states [n_lightning, ...], keys [n_softmax, ...], values) (see
-        :mod:`m1_jax.cache`): lightning layers take the lightning states in layer order, softmax layers
-        the (keys, values) pairs in layer order."""
+        (this period's lightning states [n_lightning, ...], the keys and values of *all* periods
+        [periods, n_softmax, ...], this period's index): lightning layers take the states in layer order;
+        softmax layers write and read their slice of the keys and values in place (index (period, n)), so
+        no layer's KV cache is copied out and back. Returns the cache as (states, keys, values)."""
         outs, aux = [], []
         if cache is not None:
-            states, keys, values = (list(c) for c in cache)
+            states, keys, values, period = cache
+            states = list(states)
         seen = {LINEAR: 0, FULL: 0}  # layers of each kind so far: the index into that kind's cache
         for j, layer in enumerate(self.layers):
             n, linear = seen[layer.layer_type], layer.layer_type == LINEAR
             seen[layer.layer_type] += 1
-            c = None if cache is None else states[n] if linear else (keys[n], values[n])
+            c = None if cache is None else states[n] if linear else (keys, values, (period, n))
             x, a, c = layer(x, positions=positions, slopes=slopes[j], segment_ids=segment_ids, moe_impl=moe_impl,
                             cache=c, step=step)
             if cache is not None and linear:
                 states[n] = c
             elif cache is not None:
-                keys[n], values[n] = c
+                keys, values = c
             outs.append(x)
             aux.append(a)
-        if cache is not None:  # a period without layers of a kind keeps that (empty) cache as it is
-            cache = tuple(jnp.stack(new) if new else old for new, old in zip((states, keys, values), cache))
+        if cache is not None:  # a period without lightning layers keeps its (empty) states as they are
+            cache = (jnp.stack(states) if states else cache[0], keys, values)
         return x, (jnp.stack(outs) if collect else None), jnp.stack(aux), cache

@@ -198,3 +198,30 @@ def test_generation_on_a_mesh(golden_dir, golden):
                                rtol=0, atol=ATOL)
     assert r.cache.lightning.sharding.spec[2:4] == ("data", "tensor")  # batch and heads split like the model
     assert r.cache.keys.sharding.spec[2] == "data"
+
+
+def test_decode_step_never_copies_a_layers_kv_cache():
+    """The compiled decode step writes and reads each softmax layer's keys and values in place in the stacked
+    cache: no intermediate holds a whole layer's [batch, max_len, kv_heads, head_dim] (slicing it out of the
+    stack and back copied the full cache at every token)."""
+    import re
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from m1_jax.cache import init_cache
+    from m1_jax.generation import _feed_jit
+    from tiny_models import tiny_config
+
+    cfg = tiny_config(layer_types=["linear_attention", "full_attention"] * 2, num_key_value_heads=2)
+    model = m1_jax.init_model(cfg, seed=0)
+    B, S = 2, 1024
+    cache = init_cache(cfg, B, S)
+    graphdef, params = nnx.split(model)
+    hlo = _feed_jit.lower(graphdef, params, cache, jnp.zeros((B, 1), jnp.int32),
+                          jnp.ones((B,), jnp.int32)).compile().as_text()
+    layer_kv = (B, S, cfg.num_key_value_heads, cfg.head_dim)
+    shapes = {tuple(int(d) for d in m.split(",") if d) for m in re.findall(r"f32\[([0-9,]+)\]", hlo)}
+    squeezed = {tuple(d for d in s if d != 1) for s in shapes}
+    assert cache.keys.shape in shapes  # the stacked cache itself is there
+    assert tuple(d for d in layer_kv if d != 1) not in squeezed, "a whole layer's KV cache is materialised"
