@@ -49,3 +49,15 @@ def test_bench_attention_old_and_new_agree(capsys):
     for r in rows:
         assert float(r[6]) < 1e-4, r  # max abs diff between the old and the new path
         assert re.fullmatch(r"[0-9.]+x", r[5])
+
+
+def test_bench_generate_runs_past_the_presets_positions(tmp_path, capsys):
+    """Contexts longer than the preset's max_position_embeddings (4,096 for tiny) still run."""
+    out = tmp_path / "gen.json"
+    _load("bench_generate").main(["--contexts", "64,4200", "--new-tokens", "4", "--repeats", "1",
+                                  "--out", str(out)])
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["model"], r["context"]) for r in rows} == {(m, c) for m in ("hybrid", "lightning-only",
+                                                                          "softmax-only") for c in (64, 4200)}
