@@ -20,6 +20,7 @@ GFLOP/s count the useful FLOPs (tokens x top-2 x 3 matmuls); ``vs einsum`` is th
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import subprocess
@@ -61,6 +62,10 @@ def swiglu_batched(xb, w1, w3, w2):
     return jnp.einsum("eni,eid->end", h, w2)
 
 
+def grouped_swiglu(counts, rows, w1, w3, w2, *, impl):
+    return swiglu_grouped(rows, counts, w1, w3, w2, jnp.float32, impl)
+
+
 def with_backward(fn, n_args: int):
     """fn -> a function returning the gradients of sum(sin(fn)) with respect to its first ``n_args``."""
     return jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=tuple(range(n_args)))
@@ -77,8 +82,7 @@ def case(tokens: int, experts: int, hidden: int, width: int, repeats: int, backw
     flops = tokens * TOP_K * 3 * 2 * hidden * width
     rows, counts, _ = jax.jit(lambda x, e: sort_by_expert(x, e, experts, jnp.float32))(x, routed)
     xb = jnp.ones((experts, tokens * TOP_K // experts, hidden))
-    grouped = {impl: (lambda impl: lambda r, a, b, c: swiglu_grouped(r, counts, a, b, c, jnp.float32, impl))(impl)
-               for impl in ("ragged", "chunked")}
+    grouped = {impl: functools.partial(grouped_swiglu, counts, impl=impl) for impl in ("ragged", "chunked")}
     runs = [("batched einsum (same FLOPs)", swiglu_batched, (xb, w1, w3, w2)),
             ("grouped: ragged_dot", grouped["ragged"], (rows, w1, w3, w2)),
             ("grouped: chunked", grouped["chunked"], (rows, w1, w3, w2)),
