@@ -130,6 +130,41 @@ def split_micro(batch: dict, m: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def accumulate_grads(objective, params, batch: dict, micro_batches: int):
+    """``objective(params, micro_batch) -> (value, sums)`` (``sums``: a pytree of float32 scalars) ->
+    (gradient, sums), each summed over the ``micro_batches`` slices of ``batch`` (:func:`split_micro`; one
+    slice: the whole batch). The objective normalises by the whole batch, so the sum is the batch's gradient."""
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    if micro_batches == 1:
+        (_, sums), grads = grad_fn(params, batch)
+        return grads, sums
+
+    def acc(carry, mb):
+        (_, s), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    micro = split_micro(batch, micro_batches)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    zsums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         jax.eval_shape(lambda p, mb: grad_fn(p, mb)[0][1], params, jax.tree.map(lambda x: x[0], micro)))
+    (grads, sums), _ = jax.lax.scan(acc, (zeros, zsums), micro)
+    return grads, sums
+
+
+def update_if(ok: jax.Array, graphdef, leaves: list, treedef, grads):
+    """The ``(model, optimizer)`` state (its ``leaves`` and ``treedef``, flattened before any merge: the
+    update mutates the variables) after ``optimizer.update(model, grads)`` where ``ok``, else unchanged.
+
+    A cond rather than a select over every parameter and moment (which read both versions of all of them,
+    and made XLA copy the moments to keep the old ones alive)."""
+    def update(leaves):
+        model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        optimizer.update(model, grads)
+        return jax.tree.leaves(nnx.state((model, optimizer)))
+
+    return jax.tree.unflatten(treedef, jax.lax.cond(ok, update, lambda leaves: leaves, leaves))
+
+
 def train_step_fn(graphdef, opts: StepOptions, schedule: optax.Schedule):
     """The pure step ``(state, batch) -> (state, metrics)`` over the ``(model, optimizer)`` state."""
 
@@ -147,31 +182,15 @@ def train_step_fn(graphdef, opts: StepOptions, schedule: optax.Schedule):
                 obj = obj + opts.z_loss * sums["z"] / total
             return obj, sums
 
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
-        if m == 1:
-            (_, sums), grads = grad_fn(params, batch)
-        else:
-            def acc(carry, mb):
-                (_, s), g = grad_fn(params, mb)
-                return jax.tree.map(jnp.add, carry, (g, s)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            zsums = {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "tokens", "aux")}
-            (grads, sums), _ = jax.lax.scan(acc, (zeros, zsums), split_micro(batch, m))
+        grads, sums = accumulate_grads(objective, params, batch, m)
+        if m > 1:
             sums = dict(sums, aux=sums["aux"] / m)
         grad_norm = optax.tree.norm(grads)
         loss = sums["ce"] / total
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(sums["aux"])
         lr = schedule(optimizer.step[...])
 
-        def update(leaves):
-            model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-            optimizer.update(model, grads)
-            return jax.tree.leaves(nnx.state((model, optimizer)))
-
-        # Only a finite step is applied; a cond rather than a select over every parameter and moment (which
-        # read both versions of all of them, and made XLA copy the moments to keep the old ones alive).
-        new_state = jax.tree.unflatten(treedef, jax.lax.cond(ok, update, lambda leaves: leaves, old_leaves))
+        new_state = update_if(ok, graphdef, old_leaves, treedef, grads)
         metrics = {"loss": loss, "aux_loss": sums["aux"], "z_loss": sums["z"] / total, "grad_norm": grad_norm,
                    "lr": lr, "tokens": sums["tokens"], "ok": ok.astype(jnp.int32)}
         return new_state, metrics
@@ -201,9 +220,23 @@ def jit_train_step(graphdef: nnx.GraphDef, state_shardings, mesh: Mesh, opts: St
                    schedule: optax.Schedule, compiler_options: dict | None = None):
     """The one compiled train step ``(state, batch) -> (state, metrics)``: ``m1 train`` runs it and
     ``m1 aot --mode train`` lowers it. The state is donated and keeps ``state_shardings``."""
-    return jax.jit(train_step_fn(graphdef, opts, schedule), in_shardings=(state_shardings, batch_sharding(mesh)),
+    return jit_step(train_step_fn(graphdef, opts, schedule), state_shardings, batch_sharding(mesh), mesh,
+                    compiler_options)
+
+
+def jit_step(step, state_shardings, batch_shardings, mesh: Mesh, compiler_options: dict | None = None):
+    """``jax.jit`` of a step ``(state, batch) -> (state, metrics)``: the state donated and kept on
+    ``state_shardings``, the batch on ``batch_shardings``, the metrics replicated."""
+    return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,),
                    compiler_options=compiler_options or None)
+
+
+def placed_state(model: M1Model, tx: optax.GradientTransformation, mesh: Mesh):
+    """(graphdef, state, state shardings) of :func:`model_and_optimizer`, the state placed on ``mesh``."""
+    graphdef, state = nnx.split(model_and_optimizer(model, tx, mesh))
+    shardings = sharding.state_shardings(state, mesh)
+    return graphdef, jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings), shardings
 
 
 class TrainState:
@@ -218,9 +251,7 @@ class TrainState:
                  schedule: optax.Schedule, compiler_options: dict | None = None):
         self.mesh = mesh
         self.cfg = model.cfg
-        self.graphdef, state = nnx.split(model_and_optimizer(model, tx, mesh))
-        self.state_shardings = sharding.state_shardings(state, mesh)
-        self.state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, self.state_shardings)
+        self.graphdef, self.state, self.state_shardings = placed_state(model, tx, mesh)
         self.opts = opts
         self.schedule = schedule
         self.batch_sharding = batch_sharding(mesh)
