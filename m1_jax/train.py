@@ -233,10 +233,12 @@ def jit_step(step, state_shardings, batch_shardings, mesh: Mesh, compiler_option
 
 
 def placed_state(model: M1Model, tx: optax.GradientTransformation, mesh: Mesh):
-    """(graphdef, state, state shardings) of :func:`model_and_optimizer`, the state placed on ``mesh``."""
+    """(graphdef, state, state shardings) of :func:`model_and_optimizer`, the state placed on ``mesh``: new
+    arrays (never the model's own, which the steps' donation of the state would delete), so the caller's
+    model stays usable."""
     graphdef, state = nnx.split(model_and_optimizer(model, tx, mesh))
     shardings = sharding.state_shardings(state, mesh)
-    return graphdef, jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings), shardings
+    return graphdef, jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), state, shardings), shardings
 
 
 class TrainState:
