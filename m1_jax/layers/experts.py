@@ -11,7 +11,7 @@ between expert shards in the middle, and :func:`experts_grouped` itself when the
 
 The grouped matmul has two exact forms (:data:`GROUPED`), chosen per backend by :func:`grouped_impl`:
 ``"ragged"`` (``jax.lax.ragged_dot``: XLA's grouped matmul, native on TPU) and ``"chunked"``
-(:mod:`m1_jax.layers.expert_chunks`: a loop over each expert's rows in fixed-size chunks, 7-30x faster
+(:mod:`m1_jax.layers.expert_chunks`: a loop over each expert's rows in fixed-size chunks, 7-25x faster
 than ``ragged_dot`` on CPU, see there).
 """
 
@@ -96,8 +96,8 @@ def experts_grouped(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: ja
     """Token-sorted grouped matmuls (``impl``, one of :data:`GROUPED`) over all of ``w1.shape[0]`` experts
     (one shard). ``"chunked"`` with fewer (token, slot) rows than experts gathers each row's expert
     instead (:func:`experts_gathered`): on CPU, where a matmul operand sliced out of a larger array is
-    copied first, that copies only the experts in use (one decoding step of 1 row, 8 experts of 512 x
-    1024: 8 ms for 8 layers instead of 127 ms)."""
+    copied first, that copies only the experts in use (one decode step of a 143M-parameter model, 1 row,
+    8 experts of 512 x 1024: 164 ms before, 39 ms with it, on a 2-core AMD EPYC)."""
     if impl == "chunked" and experts.size < w1.shape[0]:
         return experts_gathered(x, weights, experts, w1, w3, w2, dtype)
     rows, counts, order = sort_by_expert(x, experts, w1.shape[0], dtype)
