@@ -54,10 +54,9 @@ def test_bench_attention_old_and_new_agree(capsys):
 def test_bench_generate_runs_past_the_presets_positions(tmp_path, capsys):
     """Contexts longer than the preset's max_position_embeddings (4,096 for tiny) still run."""
     out = tmp_path / "gen.json"
-    _load("bench_generate").main(["--contexts", "64,4200", "--new-tokens", "4", "--repeats", "1",
-                                  "--out", str(out)])
+    _load("bench_generate").main(["--contexts", "4100", "--new-tokens", "2", "--repeats", "1", "--out", str(out)])
     import json
 
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["model"], r["context"]) for r in rows} == {(m, c) for m in ("hybrid", "lightning-only",
-                                                                          "softmax-only") for c in (64, 4200)}
+    assert {(r["model"], r["context"]) for r in rows} == {(m, 4100) for m in ("hybrid", "lightning-only",
+                                                                              "softmax-only")}
