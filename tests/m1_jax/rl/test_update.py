@@ -166,3 +166,25 @@ def test_missing_batch_key_is_named(cfg):
     del batch["advantages"]
     with pytest.raises(ValueError, match="advantages"):
         ps.update(batch)
+
+
+def test_kl_to_a_reference_adds_k3_per_response_token(cfg):
+    """With ``ref_logprobs`` in the batch and ``kl_coef`` > 0 the loss is CISPO's plus kl_coef times the mean
+    over response tokens of k3 = exp(ref - log pi) - (ref - log pi) - 1."""
+    model = init_model(cfg, seed=3)
+    batch = make_batch(model, seed=3)
+    rng = np.random.default_rng(4)
+    batch["ref_logprobs"] = (batch["old_logprobs"] + rng.normal(0, 0.2, (B, T))).astype(np.float32) * batch["loss_mask"]
+    opts = update.UpdateOptions(objective="cispo", objective_options={"eps_high": EPS_HIGH, "kl_coef": 0.5})
+    ps = update.PolicyState(model, grad_recorder(), one_device(), opts, optax.constant_schedule(0.0), with_ref=True,
+                            compiler_options=FAST_COMPILE)
+    m = ps.update(batch)
+    tokens = jnp.asarray(batch["tokens"])
+    logp = jnp.take_along_axis(jax.nn.log_softmax(model.forward(tokens).logits[:, :-1].astype(jnp.float32)),
+                               tokens[:, 1:, None], -1)[..., 0]
+    mask = batch["loss_mask"][:, 1:]
+    d = jnp.asarray(batch["ref_logprobs"])[:, 1:] - logp
+    k3 = float(jnp.sum((jnp.exp(d) - d - 1.0) * mask) / mask.sum())
+    assert k3 > 1e-3
+    np.testing.assert_allclose(float(m["loss"]), float(cispo_by_hand(model, batch)) + 0.5 * k3, rtol=1e-5)
+    np.testing.assert_allclose(float(m["ref_kl"]), k3, rtol=1e-5)
