@@ -201,11 +201,16 @@ def _metrics(t: _Tokens, ratio, lo, hi, zero_grad, entropy, k3) -> dict[str, jax
     return out
 
 
-def _ppo_terms(t: _Tokens, lo, hi):
-    """Per-token PPO clipped surrogate ``-min(r * A, clip(r, lo, hi) * A)``, the ratio, and the cut tokens."""
+def _ppo(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, ref_logprobs, kl_coef, entropy, normalise):
+    """PPO's clipped surrogate ``-min(r * A, clip(r, lo, hi) * A)`` per token (plus the KL term), reduced by
+    ``normalise(per_token, tokens)``: what GRPO and DAPO share -> (loss, metrics)."""
+    lo, hi = _bounds(eps_low, eps_high)
+    t = _tokens(logprobs, old_logprobs, advantages, mask)
     ratio = jnp.exp(t.log_ratio)
     surrogate = jnp.minimum(ratio * t.adv, jnp.clip(ratio, lo, hi) * t.adv)
-    return -surrogate, ratio, _trust_region_cut(ratio, t.adv, lo, hi)
+    kl, k3 = _kl_terms(t, ref_logprobs, kl_coef)
+    return normalise(kl - surrogate, t), _metrics(t, ratio, lo, hi, _trust_region_cut(ratio, t.adv, lo, hi),
+                                                  entropy, k3)
 
 
 # ----------------------------------------------------------------------------------- the objectives
@@ -240,12 +245,8 @@ def grpo(logprobs, old_logprobs, advantages, mask, *, eps_low: float | None = 0.
     """GRPO: PPO's clipped surrogate (symmetric 0.2), averaged over each response's tokens, then over the
     responses (``num_sequences``). ``num_tokens`` is accepted for a uniform interface and unused."""
     del num_tokens
-    lo, hi = _bounds(eps_low, eps_high)
-    t = _tokens(logprobs, old_logprobs, advantages, mask)
-    per_token, ratio, cut = _ppo_terms(t, lo, hi)
-    kl, k3 = _kl_terms(t, ref_logprobs, kl_coef)
-    loss = _sequence_mean(per_token + kl, t, num_sequences)
-    return loss, _metrics(t, ratio, lo, hi, cut, entropy, k3)
+    return _ppo(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, ref_logprobs, kl_coef, entropy,
+                lambda x, t: _sequence_mean(x, t, num_sequences))
 
 
 def dapo(logprobs, old_logprobs, advantages, mask, *, eps_low: float | None = 0.2, eps_high: float | None = 0.28,
@@ -255,12 +256,8 @@ def dapo(logprobs, old_logprobs, advantages, mask, *, eps_low: float | None = 0.
     and divided by their number (``num_tokens``). Its dynamic sampling is a rollout filter
     (:func:`m1_jax.rl.rollout_filters.informative_groups`). ``num_sequences`` is accepted and unused."""
     del num_sequences
-    lo, hi = _bounds(eps_low, eps_high)
-    t = _tokens(logprobs, old_logprobs, advantages, mask)
-    per_token, ratio, cut = _ppo_terms(t, lo, hi)
-    kl, k3 = _kl_terms(t, ref_logprobs, kl_coef)
-    loss = _token_mean(per_token + kl, t, num_tokens)
-    return loss, _metrics(t, ratio, lo, hi, cut, entropy, k3)
+    return _ppo(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, ref_logprobs, kl_coef, entropy,
+                lambda x, t: _token_mean(x, t, num_tokens))
 
 
 # ----------------------------------------------------------------------------------- the table
