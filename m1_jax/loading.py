@@ -165,7 +165,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     shards of every parameter and the model runs sharded. ``verify``: also check every array of an
     ``m1 convert`` output against the CRC-32C checksums its conversion recorded (the other kinds
     record none; every kind's files are checked for presence and size as they are read). Other
-    keyword arguments go to :class:`M1Model` (``moe_impl``, ...).
+    keyword arguments go to :class:`M1Model` (``moe_impl``, ``head_dtype``: e.g.
+    ``jnp.float32`` for a float32 output head on a bf16 model, ...).
     """
     found = locate(path)
     if found.kind == CONVERTED:  # an `m1 convert` output: Orbax restores it straight into the model's layout

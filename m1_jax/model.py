@@ -1,7 +1,8 @@
 """MiniMax-M1 as a Flax NNX module: token ids -> float32 logits.
 
 Embedding (no scaling) -> ``num_periods`` repetitions of the layer period (scanned, parameters
-stacked on a leading ``layers`` axis) -> final RMSNorm -> untied output head in float32.
+stacked on a leading ``layers`` axis) -> final RMSNorm -> untied output head (inputs in the compute dtype or
+``head_dtype``, accumulated and returned in float32).
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def period_slopes(cfg: M1Config) -> np.ndarray:
     return out
 
 
+def _floating_dtype(head_dtype) -> np.dtype:
+    try:
+        dt = jnp.dtype(head_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"head_dtype must be None (the compute dtype) or a floating dtype such as jnp.float32, "
+                         f"got {head_dtype!r}")
+    return dt
+
+
 class M1Model(nnx.Module):
     """MiniMax-M1 / Text-01 causal language model.
 
@@ -67,12 +79,19 @@ class M1Model(nnx.Module):
     ``"chunked"``, or ``"dense"`` (the reference; :mod:`m1_jax.layers.moe`). ``lightning_impl`` is
     passed to :func:`pallas_kernels.lightning.lightning_attention`. ``scan_layers=False`` runs the
     stacked periods one by one in Python (same numbers, slower compile).
+
+    ``head_dtype``: the dtype of the output head's matmul inputs (the final norm's output and the head
+    weight); ``None`` is the compute dtype. ``jnp.float32`` runs the head in full float32 (highest matmul
+    precision on every backend) on top of a bf16 model, as the MiniMax-M1 report does in RL so that the
+    sampler's and the trainer's log-probs agree. The logits are float32 either way.
     """
 
     def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 moe_impl: str = "auto", lightning_impl: str = "auto", scan_layers: bool = True):
+                 moe_impl: str = "auto", lightning_impl: str = "auto", scan_layers: bool = True,
+                 head_dtype=None):
         self.cfg = cfg
         self.dtype = dtype
+        self.head_dtype = None if head_dtype is None else _floating_dtype(head_dtype)
         self.scan_layers = scan_layers
         self.mesh = None  # a jax.sharding.Mesh once placed with m1_jax.sharding.shard_model / from_pretrained(mesh=)
         D, V = cfg.hidden_size, cfg.vocab_size
@@ -94,8 +113,17 @@ class M1Model(nnx.Module):
         return sharding.constrain(x, sharding.HIDDEN)
 
     def logits(self, x: jax.Array) -> jax.Array:
+        """float32 logits of hidden states ``x``: the final norm (compute dtype), then the head in
+        ``head_dtype`` (class docstring)."""
         z = self.norm(x)
-        out = jnp.dot(z, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        if self.head_dtype is None:
+            out = jnp.dot(z, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        else:
+            hd = self.head_dtype
+            # float32 in full: TPUs and GPUs would otherwise run float32 matmuls in bf16 / tf32 passes
+            precision = jax.lax.Precision.HIGHEST if hd == jnp.float32 else None
+            out = jnp.dot(z.astype(hd), self.lm_head[...].astype(hd), precision=precision,
+                          preferred_element_type=jnp.float32)
         return sharding.constrain(out, sharding.LOGITS)
 
     def run_layers(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,

@@ -36,6 +36,7 @@ class ModelSection:
     moe_impl: str = "auto"
     lightning_impl: str = "auto"
     scan_layers: bool = True
+    head_dtype: str = "auto"  # the output head's matmul dtype: auto (= dtype) | float32 | bfloat16
     seed: int = 0
 
 
@@ -93,6 +94,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.moe_impl": ("auto", "ragged", "chunked", "dense"),
     "model.lightning_impl": ("auto", "reference", "xla", "pallas"),
+    "model.head_dtype": ("auto", "float32", "bfloat16"),
     "data.format": ("auto", "text", "jsonl", "tokens"),
     "train.on_nan": ("stop", "skip"),
 }

@@ -295,10 +295,12 @@ def step_setup(cfg: M1Config, run) -> tuple[optax.GradientTransformation, StepOp
 
 
 def model_options(run) -> dict:
-    """:class:`M1Model` keyword arguments of run config ``run``'s model section."""
+    """:class:`M1Model` keyword arguments of run config ``run``'s model section (``head_dtype`` "auto":
+    None, the compute dtype)."""
     m = run.model
     return dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), moe_impl=m.moe_impl,
-                lightning_impl=m.lightning_impl, scan_layers=m.scan_layers)
+                lightning_impl=m.lightning_impl, scan_layers=m.scan_layers,
+                head_dtype=None if m.head_dtype == "auto" else jnp.dtype(m.head_dtype))
 
 
 def build_train_state(cfg: M1Config, run, mesh: Mesh, *, model: M1Model | None = None,

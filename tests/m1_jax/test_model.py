@@ -149,3 +149,47 @@ def test_bf16_compute_on_golden(golden_dir):
     top2 = np.sort(ref, axis=-1)[..., -2:]
     clear = top2[..., 1] - top2[..., 0] > 2 * 0.5  # a clear fp32 decision cannot flip within the bound
     assert agree[clear].all()
+
+
+def test_float32_head_on_bf16_compute(tiny_cfg, tiny_ids):
+    """``head_dtype=jnp.float32`` on a bf16 model: the logits are the float32 product of the (bf16) final norm's
+    output with the float32 head weight; the default bf16 head rounds the weight to bf16 first. The layers
+    below the head are the same either way."""
+    models = {hd: m1_jax.init_model(tiny_cfg, seed=3, dtype=jnp.bfloat16, head_dtype=hd)
+              for hd in (None, jnp.float32)}
+    forward = nnx.jit(lambda m, ids: m.forward(ids, collect=True))
+    outs = {hd: forward(m, tiny_ids) for hd, m in models.items()}
+    np.testing.assert_array_equal(np.asarray(outs[None].layer_outputs), np.asarray(outs[jnp.float32].layer_outputs))
+    model = models[jnp.float32]
+    z = np.asarray(model.norm(outs[jnp.float32].layer_outputs[-1]))  # the final norm, computed in bf16
+    assert z.dtype == jnp.bfloat16
+    w = np.asarray(model.lm_head[...])
+    assert w.dtype == np.float32
+    fp32_head = z.astype(np.float64) @ w.astype(np.float64)
+    bf16_head = z.astype(np.float64) @ w.astype(jnp.bfloat16).astype(np.float64)
+    got = {hd: np.asarray(o.logits) for hd, o in outs.items()}
+    assert got[jnp.float32].dtype == got[None].dtype == np.float32
+    # float32 sums of 64 products against float64: measured 9e-7; the bf16 weight moves the logits by up to 6e-3
+    # (logits up to 3.2)
+    np.testing.assert_allclose(got[jnp.float32], fp32_head, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[None], bf16_head, rtol=0, atol=1e-5)
+    assert np.abs(got[None] - got[jnp.float32]).max() > 1e-4
+
+
+def test_head_dtype_of_the_run_config(tiny_cfg, tiny_ids):
+    """``model.head_dtype`` of a run config: "auto" is the compute dtype (the model unchanged), the others name
+    the head's dtype; a float32 head on a float32 model gives the default's logits."""
+    from m1_jax.run_config import CHOICES, RunConfig
+    from m1_jax.train import model_options
+
+    run = RunConfig()
+    logits = {}
+    for choice in CHOICES["model.head_dtype"]:
+        run.model.head_dtype = choice
+        model = m1_jax.init_model(tiny_cfg, seed=3, **model_options(run))
+        assert model.head_dtype == (None if choice == "auto" else jnp.dtype(choice))
+        logits[choice] = np.asarray(model(tiny_ids))
+    np.testing.assert_array_equal(logits["float32"], logits["auto"])
+    assert np.abs(logits["bfloat16"] - logits["auto"]).max() > 1e-4
+    with pytest.raises(ValueError, match="head_dtype must be None .* or a floating dtype.*got 'int8'"):
+        m1_jax.init_model(tiny_cfg, head_dtype="int8")
