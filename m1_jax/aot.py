@@ -16,6 +16,12 @@ Steps:
   + aux loss, gradient accumulation, clipping, AdamW on the run config's schedule, the non-finite guard),
   over the same train state shardings (:class:`m1_jax.train.TrainState`); ``remat`` rematerialises each
   layer period in the backward pass.
+* ``rl``: the RL policy update (:func:`m1_jax.rl.update.update_step_fn`, as
+  :class:`m1_jax.rl.update.PolicyState` compiles it): the objective (CISPO by default) over ``[batch,
+  seq_len]`` rows of prompt + response tokens with their float32 loss mask, behaviour log-probs and
+  advantages (and the reference's log-probs with a KL term), gradient accumulation, clipping, AdamW with
+  the report's RL settings (:func:`m1_jax.rl.update.rl_optimizer_section`), the non-finite guard, over the
+  same train state shardings.
 * ``forward``: logits for ``[batch, seq_len]`` tokens.
 * ``decode``: one token per row against an inference cache of ``context`` tokens (lightning states +
   softmax KV caches, :mod:`m1_jax.cache`).
@@ -39,6 +45,8 @@ from m1_jax.cache import cache_shapes, cache_shardings, round_max_len
 from m1_jax.config import M1Config
 from m1_jax.flops import step_flops
 from m1_jax.model import M1Model, abstract_model
+from m1_jax.rl.objectives import make_objective
+from m1_jax.rl.update import UPDATE_KEYS, UpdateOptions, rl_optimizer_section, update_batch_shardings, update_step_fn
 from m1_jax.run_config import RunConfig
 from pallas_kernels.platform import tpu_target
 
@@ -47,7 +55,7 @@ log = logging.getLogger(__name__)
 GiB = 2 ** 30
 # HBM per chip by TPU generation (GiB).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
-MODES = ("train", "forward", "decode", "prefill")
+MODES = ("train", "rl", "forward", "decode", "prefill")
 
 
 def run_for_plan(run: RunConfig | None, remat: str) -> RunConfig:
@@ -64,8 +72,8 @@ def chip_generation(topology: str) -> str:
 def topology_devices(topology: str) -> list:
     """Abstract TPU devices of ``topology`` (e.g. ``v5p:4x4x4``); needs libtpu."""
     try:
-        from jax.experimental import topologies
         import libtpu  # noqa: F401
+        from jax.experimental import topologies
     except ImportError as e:
         raise ValueError(f"topology {topology}: TPU AOT compilation needs libtpu "
                            f"(pip install 'm1-jax[tpu]'): {e}") from None
@@ -121,7 +129,8 @@ class AotReport:
         hbm = "unknown" if self.hbm_bytes is None else gb(self.hbm_bytes).strip()
         fits = {None: "?", True: "fits", False: "DOES NOT FIT"}[self.fits]
         shape = {"decode": f"batch {self.batch} x context {self.context} (one new token)",
-                 "prefill": f"batch {self.batch} x chunk {self.seq_len} on context {self.context}"}.get(
+                 "prefill": f"batch {self.batch} x chunk {self.seq_len} on context {self.context}",
+                 "rl": f"batch {self.batch} x seq {self.seq_len}, prompt + response"}.get(
                      self.mode, f"batch {self.batch} x seq {self.seq_len}")
         lines = [
             f"mode            {self.mode} ({shape})",
@@ -134,8 +143,8 @@ class AotReport:
             f"  temporaries   {gb(self.temp_bytes)}",
             f"  code          {gb(self.generated_code_bytes)}",
             f"  total need    {gb(self.total_bytes)} of {hbm} HBM: {fits}",
-            f"FLOPs per step  {self.model_flops:.4g} model FLOPs ({self.model_flops / self.devices:.4g} per device; "
-            f"m1_jax.flops)",
+            (f"FLOPs per step  {self.model_flops:.4g} model FLOPs ({self.model_flops / self.devices:.4g} per device; "
+             f"m1_jax.flops)"),
             f"XLA cost        {self.flops:.4g} FLOPs per device (loop bodies, e.g. the layer scan, counted once)"
             if self.flops else "XLA cost        not reported",
         ]
@@ -154,20 +163,31 @@ def _sds(tree, shardings):
 
 
 def lower_step(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, context: int, model_kw: dict,
-               run: RunConfig):
+               run: RunConfig, update: UpdateOptions | None = None):
     """``mode``'s step lowered for ``mesh`` -> (lowered computation, note for the report).
 
     Each mode lowers the function that runs: ``train`` the train step of ``m1 train`` (:func:`m1_jax.train.jit_train_step`, with ``run``'s optimizer and step
-    options and :class:`M1Model` options ``model_kw``), ``forward`` / ``decode`` / ``prefill`` the model's own
-    forward (:meth:`M1Model.forward`)."""
+    options and :class:`M1Model` options ``model_kw``), ``rl`` the RL update step that
+    :func:`m1_jax.rl.update.build_policy_state` compiles (objective, micro-batches and remat from ``update``,
+    default :class:`m1_jax.rl.update.UpdateOptions`; its optimizer's defaults), ``forward`` / ``decode`` /
+    ``prefill`` the model's own forward (:meth:`M1Model.forward`)."""
     if mode == "train":
         tx, opts, schedule = train.step_setup(cfg, run)
-        state_graph = nnx.eval_shape(lambda: train.model_and_optimizer(M1Model(cfg, rngs=nnx.Rngs(0), **model_kw),
-                                                                       tx, mesh))
-        graphdef, state = nnx.split(state_graph)
-        state_sh = sharding.state_shardings(state, mesh)
+        graphdef, state, state_sh = abstract_train_state(cfg, mesh, tx, model_kw)
         step = train.jit_train_step(graphdef, state_sh, mesh, opts, schedule)
-        return step.lower(_sds(state, state_sh), train_batch(mesh, batch, seq_len)), ""
+        return step.lower(state, train_batch(mesh, batch, seq_len)), ""
+    if mode == "rl":
+        update = update or UpdateOptions()
+        # build_policy_state's optimizer: the report's AdamW over one update's schedule (the schedule is a
+        # constant of the program, not part of its memory)
+        section = rl_optimizer_section()
+        graphdef, state, state_sh = abstract_train_state(cfg, mesh, train.make_optimizer(section, 1), model_kw)
+        objective = make_objective(update.objective, **dict(update.objective_options))
+        step = update_step_fn(graphdef, objective, train.learning_rate_schedule(section, 1),
+                              micro_batches=update.micro_batches, remat=update.remat)
+        rows = rl_batch(mesh, batch, seq_len, with_ref=uses_reference(update))
+        jitted = train.jit_step(step, state_sh, {k: v.sharding for k, v in rows.items()}, mesh)
+        return jitted.lower(state, rows), rl_note(update)
     model = abstract_model(cfg, **model_kw)
     model.mesh = mesh  # the forward then constrains activations and runs the expert-parallel MoE
     graphdef, params = nnx.split(model)
@@ -191,21 +211,64 @@ def lower_step(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, cont
     return fn.lower(params, _sds(shapes, cache_shardings(shapes, mesh)), _tokens(mesh, batch, new)), note
 
 
+def abstract_train_state(cfg: M1Config, mesh, tx, model_kw: dict):
+    """(graphdef, abstract state, state shardings) of the ``(model, optimizer)`` train state
+    (:func:`m1_jax.train.model_and_optimizer`) with optimizer ``tx``, as shapes only: what the train and RL
+    update steps take."""
+    state_graph = nnx.eval_shape(lambda: train.model_and_optimizer(M1Model(cfg, rngs=nnx.Rngs(0), **model_kw),
+                                                                   tx, mesh))
+    graphdef, state = nnx.split(state_graph)
+    state_sh = sharding.state_shardings(state, mesh)
+    return graphdef, _sds(state, state_sh), state_sh
+
+
 def train_batch(mesh, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The abstract packed batch the train step takes (:data:`m1_jax.train.BATCH_KEYS`)."""
     return {k: _tokens(mesh, batch, seq_len) for k in train.BATCH_KEYS}
 
 
+def uses_reference(update: UpdateOptions) -> bool:
+    """Whether the update's objective has a KL term, so that its batch holds the reference's log-probs."""
+    return float(update.objective_options.get("kl_coef", 0.0)) > 0
+
+
+def rl_batch(mesh, batch: int, seq_len: int, *, with_ref: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+    """The abstract batch the RL update step takes (:mod:`m1_jax.rl.update`): int32 tokens, float32 loss
+    mask / behaviour log-probs (/ reference log-probs) ``[batch, seq_len]`` and advantages ``[batch]``, on
+    :func:`m1_jax.rl.update.update_batch_shardings`."""
+    keys = UPDATE_KEYS if with_ref else UPDATE_KEYS[:-1]
+    return {k: jax.ShapeDtypeStruct((batch,) if k == "advantages" else (batch, seq_len),
+                                    jnp.int32 if k == "tokens" else jnp.float32, sharding=sh)
+            for k, sh in update_batch_shardings(mesh, keys).items()}
+
+
+def rl_note(update: UpdateOptions) -> str:
+    """The report's note on an RL update: its objective with the options set, micro-batches, AdamW settings."""
+    options = "".join(f", {k} {v}" for k, v in sorted(update.objective_options.items()))
+    m = update.micro_batches
+    return (f"RL update (m1_jax.rl.update): objective {update.objective}{options}, {m} micro-batch{'es' * (m > 1)}, "
+            f"AdamW b2 {rl_optimizer_section().b2} eps {rl_optimizer_section().eps:g}")
+
+
 def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int = 1, seq_len: int = 8192,
          context: int = 1 << 20, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-         lightning_impl: str = "auto", remat: str = "none", run: RunConfig | None = None) -> AotReport:
+         lightning_impl: str = "auto", remat: str = "none", run: RunConfig | None = None,
+         update: UpdateOptions | None = None) -> AotReport:
     """Compiles ``mode`` for ``topology`` and returns the per-device report.
 
     ``run`` (train mode): the run config whose optimizer and step options (micro-batches, z-loss) the
     train step uses, as ``m1 train`` would; default :class:`m1_jax.run_config.RunConfig` defaults.
-    ``remat`` overrides its ``model.remat``."""
+    ``remat`` overrides its ``model.remat``. ``update`` (rl mode): the update's objective (with its options,
+    e.g. ``{"kl_coef": 0.01}``) and micro-batches, default :class:`m1_jax.rl.update.UpdateOptions`;
+    ``remat`` overrides its ``remat``. ``seq_len`` is then the prompt + response length of a row."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    update = dataclasses.replace(update or UpdateOptions(), remat=remat)
+    if mode == "rl":
+        m = update.micro_batches
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1 or batch % m:
+            raise ValueError(f"micro_batches must be a positive integer dividing batch={batch}, got {m!r}")
+        make_objective(update.objective, **dict(update.objective_options))  # a bad name or option: before libtpu
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(mesh_spec, devices)
     sharding.check_mesh(cfg, mesh)
@@ -216,7 +279,7 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
     t0 = time.perf_counter()
     with tpu_target():
         lowered, note = lower_step(cfg, mesh, mode, batch=batch, seq_len=seq_len, context=context, model_kw=model_kw,
-                                   run=run)
+                                   run=run, update=update)
         compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -232,5 +295,6 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
         temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
         generated_code_bytes=int(mem.generated_code_size_in_bytes),
         hbm_bytes=None if hbm is None else hbm * GiB, flops=float(cost["flops"]) if "flops" in cost else None,
-        model_flops=step_flops(cfg, mode, batch=batch, seq_len=seq_len, context=context),
+        # the RL update runs the train step's passes (forward + backward over every token)
+        model_flops=step_flops(cfg, "train" if mode == "rl" else mode, batch=batch, seq_len=seq_len, context=context),
         note=note if remat == "none" else f"remat {remat}; {note}".rstrip("; "))

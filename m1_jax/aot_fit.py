@@ -3,10 +3,11 @@
 XLA's TPU compiler refuses a program that needs more HBM than a chip has (``RESOURCE_EXHAUSTED``), and
 its message holds both numbers (:func:`hbm_shortfall`). To point at a plan that fits,
 :func:`nearest_fit` estimates what each device holds (:class:`StateModel`): the parameters, for
-``train`` also their gradients and AdamW's two moments, for ``decode`` / ``prefill`` the inference
-cache, each divided over the mesh as the sharding rules (:mod:`m1_jax.sharding`) divide it, plus the
-largest weight that ``fsdp`` gathers whole (one layer's slice of the stacked weights). What the given
-plan needs beyond its own estimate (activations, XLA's temporaries) is taken to be the same on every
+``train`` and ``rl`` (the RL update holds the train step's state) also their gradients and AdamW's two
+moments, for ``decode`` / ``prefill`` the inference cache, each divided over the mesh as the sharding
+rules (:mod:`m1_jax.sharding`) divide it, plus the largest weight that ``fsdp`` gathers whole (one
+layer's slice of the stacked weights). What the given plan needs beyond its own estimate (activations,
+XLA's temporaries, the batch, for ``rl`` with its float32 arrays) is taken to be the same on every
 candidate. It is an estimate: a plan that fits by it still has to be compiled to be sure.
 
 Candidates: the given topology, then larger ones of the same TPU generation (one dimension doubled at
@@ -25,7 +26,8 @@ import re
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from m1_jax import aot, sharding
 from m1_jax.cache import cache_shapes, cache_shardings, round_max_len
@@ -41,15 +43,17 @@ GROWTH_ORDER = ("fsdp", "expert", "tensor", "data")
 GATHERED = "largest weight gathered over fsdp"
 # The part of a candidate's need beyond the estimate, taken to be what it is on the given plan.
 OTHER = "activations and temporaries as on the given plan"
-ESTIMATE_NOTE = ("estimate: parameters, gradients and AdamW moments (train) or the inference cache (decode, "
+# Modes whose step holds gradients and AdamW's two moments next to the parameters.
+OPTIMIZER_MODES = ("train", "rl")
+ESTIMATE_NOTE = ("estimate: parameters, gradients and AdamW moments (train, rl) or the inference cache (decode, "
                  "prefill) as the mesh shards them, the largest weight fsdp gathers, and the rest of the given "
                  "plan's need as it is; compile the plan to confirm")
 
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 _SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"
 # "... required for HLO temporaries (33.03G) exceeds available HBM (15.75G)", "Used 20.5G of 15.75G hbm"
-_SHORTFALL = (re.compile(rf"\({_SIZE}\) exceeds available HBM \({_SIZE}\)", re.I),
-              re.compile(rf"Used {_SIZE} of {_SIZE} hbm", re.I))
+_SHORTFALL = (re.compile(rf"\({_SIZE}\) exceeds available HBM \({_SIZE}\)", re.IGNORECASE),
+              re.compile(rf"Used {_SIZE} of {_SIZE} hbm", re.IGNORECASE))
 
 
 def hbm_shortfall(message: str) -> tuple[int, int] | None:
@@ -90,10 +94,10 @@ class StateModel:
                        for n, v in zip(names, jax.tree.leaves(params))]
 
     def parameter_floor(self, devices: int) -> float:
-        """Bytes per device of the parameters (and for train their gradients and moments) were they
+        """Bytes per device of the parameters (and for train and rl their gradients and moments) were they
         divided evenly over ``devices``: no mesh of that many devices holds less."""
         params = sum(math.prod(s) * i for _, s, i in self.params)
-        return params * (4 if self.mode == "train" else 1) / devices
+        return params * (4 if self.mode in OPTIMIZER_MODES else 1) / devices
 
     def per_device(self, mesh: Mesh, batch: int) -> dict[str, int]:
         """Bytes per device by part; raises :class:`m1_jax.sharding.MeshError` when ``mesh`` cannot
@@ -107,7 +111,7 @@ class StateModel:
                 per_layer = shard // shape[0] if names[0] == "layers" else shard  # the layer scan gathers one
                 gathered = max(gathered, per_layer * mesh.shape["fsdp"])
         parts = {"parameters": params, GATHERED: gathered}
-        if self.mode == "train":
+        if self.mode in OPTIMIZER_MODES:
             parts["gradients"] = params
             parts["AdamW moments"] = 2 * params
         if self.mode in ("decode", "prefill"):

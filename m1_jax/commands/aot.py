@@ -1,11 +1,13 @@
-"""``m1 aot``: compile a train / forward / decode step for a TPU topology on this host and report the
-per-device memory, the HBM of the chip, FLOPs per step and compile time (see :mod:`m1_jax.aot`)."""
+"""``m1 aot``: compile a train / RL update / forward / decode step for a TPU topology on this host and report
+the per-device memory, the HBM of the chip, FLOPs per step and compile time (see :mod:`m1_jax.aot`)."""
 
 from __future__ import annotations
 
 import json
 
 import jax.numpy as jnp
+
+from m1_jax.rl.objectives import OBJECTIVES
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -15,18 +17,29 @@ def add_arguments(p):
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4, v5e:2x2, v6e:4x4")
     p.add_argument("--mesh", required=True, help="mesh over the topology's chips, e.g. fsdp=-1,expert=8 "
                                                  "(axes data, fsdp, expert, tensor; -1 = the rest)")
-    p.add_argument("--mode", choices=("train", "forward", "decode", "prefill"), default="train",
-                   help="prefill: one --seq-len chunk of a chunked prefill on a cache of --context tokens")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: data*fsdp*expert)")
-    p.add_argument("--seq-len", type=int, default=8192, help="tokens per row for train / forward; chunk length for prefill")
+    p.add_argument("--mode", choices=("train", "rl", "forward", "decode", "prefill"), default="train",
+                   help="rl: the RL policy update (m1_jax.rl.update); prefill: one --seq-len chunk of a chunked "
+                        "prefill on a cache of --context tokens")
+    p.add_argument("--batch", type=int, default=None,
+                   help="global batch (default: data*fsdp*expert x --micro-batches, one row per data shard in "
+                        "each micro-batch)")
+    p.add_argument("--seq-len", type=int, default=8192,
+                   help="tokens per row for train / forward, prompt + response for rl; chunk length for prefill")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="train / rl: gradient accumulation over this many slices of --batch")
+    p.add_argument("--objective", choices=tuple(OBJECTIVES), default=None,
+                   help="rl: the policy-gradient objective (default cispo)")
+    p.add_argument("--kl", type=float, default=0.0, metavar="COEF",
+                   help="rl: KL penalty coefficient against a frozen reference (its log-probs join the batch); "
+                        "default 0, none")
     p.add_argument("--context", type=int, default=1 << 20, help="KV cache length for decode / prefill")
     p.add_argument("--param-dtype", choices=DTYPES, default=None,
-                   help="parameter storage dtype (default: float32 for train, bfloat16 otherwise)")
+                   help="parameter storage dtype (default: float32 for train and rl, bfloat16 otherwise)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
     p.add_argument("--lightning-impl", choices=("auto", "xla", "pallas"), default="auto",
                    help="lightning attention: auto = the Pallas TPU kernels")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none",
-                   help="train: rematerialise each layer period in the backward pass (jax.checkpoint policy)")
+                   help="train / rl: rematerialise each layer period in the backward pass (jax.checkpoint policy)")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     p.epilog = ("Exit status 1 when the plan does not fit the chips' HBM; the report then names the nearest "
                 "topology / mesh that would fit by an estimate.")
@@ -37,17 +50,34 @@ def run(args) -> int:
 
     from m1_jax import aot, sharding
     from m1_jax.presets import resolve_config
+    from m1_jax.rl.update import UpdateOptions
+    from m1_jax.run_config import RunConfig
 
+    if args.mode != "rl" and (args.objective is not None or args.kl):
+        raise ValueError(f"--objective and --kl apply to --mode rl, not --mode {args.mode}")
+    if args.kl < 0:
+        raise ValueError(f"--kl must be >= 0, got {args.kl}")
     cfg = resolve_config(args.config)
     mesh = sharding.make_mesh(args.mesh, aot.topology_devices(args.topology))
-    # default: one row per data-parallel shard
-    batch = sharding.axis_size(mesh, sharding.BATCH_AXES) if args.batch is None else args.batch
-    param_dtype = DTYPES[args.param_dtype or ("float32" if args.mode == "train" else "bfloat16")]
+    if args.micro_batches < 1:
+        raise ValueError(f"--micro-batches must be >= 1, got {args.micro_batches}")
+    shards = sharding.axis_size(mesh, sharding.BATCH_AXES)
+    # default: one row per data-parallel shard in each micro-batch
+    batch = shards * args.micro_batches if args.batch is None else args.batch
+    if args.micro_batches > 1 and batch % (shards * args.micro_batches):
+        raise ValueError(f"--micro-batches {args.micro_batches}: each micro-batch's rows are split over "
+                         f"data*fsdp*expert={shards} shards, so --batch must be a multiple of "
+                         f"{shards * args.micro_batches}, got {batch}")
+    run_config = RunConfig()
+    run_config.data.micro_batches = args.micro_batches
+    update = UpdateOptions(objective=args.objective or "cispo", micro_batches=args.micro_batches,
+                           objective_options={"kl_coef": args.kl} if args.kl else {})
+    param_dtype = DTYPES[args.param_dtype or ("float32" if args.mode in ("train", "rl") else "bfloat16")]
     print(f"compiling {args.mode} for {args.topology} (mesh {args.mesh}) ...", flush=True)
     try:
         report = aot.plan(cfg, args.topology, args.mesh, args.mode, batch=batch, seq_len=args.seq_len,
                           context=args.context, param_dtype=param_dtype, dtype=DTYPES[args.dtype],
-                          lightning_impl=args.lightning_impl, remat=args.remat)
+                          lightning_impl=args.lightning_impl, remat=args.remat, run=run_config, update=update)
     except jax.errors.JaxRuntimeError as e:  # XLA refuses a program larger than the HBM: say by how much
         from m1_jax.aot_fit import hbm_shortfall
 
@@ -82,9 +112,9 @@ def misfit(args, cfg, mesh, param_dtype, needed: int, available: int, source: st
 
     over = needed - available
     spec = sharding.format_mesh_spec(mesh)
-    lines = [f"does not fit: {args.mode} on {args.topology} (mesh {spec}) needs {needed / aot_fit.GiB:.2f} GiB per "
+    lines = [(f"does not fit: {args.mode} on {args.topology} (mesh {spec}) needs {needed / aot_fit.GiB:.2f} GiB per "
              f"device of {available / aot_fit.GiB:.2f} GiB HBM ({source}): {over / aot_fit.GiB:.2f} GiB "
-             f"({over / available:.0%}) too much"]
+             f"({over / available:.0%}) too much")]
     fit, given = aot_fit.nearest_fit(cfg, args.topology, dict(mesh.shape), args.mode, batch=args.batch,
                                      context=args.context, param_dtype=param_dtype, dtype=DTYPES[args.dtype],
                                      available=available, needed=needed)

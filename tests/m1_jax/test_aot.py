@@ -89,3 +89,67 @@ def test_aot_train_lowers_the_train_step_that_m1_train_runs():
     other = load_run_config(None, ["data.micro_batches=1", "optimizer.z_loss=1e-4", "model.remat=full"])
     assert aot.lower_step(cfg, mesh, "train", batch=16, seq_len=32, context=0, model_kw=train.model_options(other),
                           run=other)[0].as_text() != ran  # the comparison sees a different step
+
+
+def one_lightning_layer():
+    """The tiny config cut to one lightning layer, block 128 (so that the Pallas TPU kernels compile through
+    Mosaic): a short compile of a step with a backward pass."""
+    return resolve_config("tiny").replace(block_size=128, num_hidden_layers=1, layer_types=["linear_attention"])
+
+
+def test_m1_aot_rl_update_on_v5p(tmp_path, monkeypatch, capsys):
+    """``--mode rl`` compiles the RL update step: the objective and micro-batches asked for, the reference's
+    log-probs in the batch with ``--kl``, the train step's FLOPs; flags that do not apply are refused."""
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed for TPU AOT compilation")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    base = ["aot", "--config", "tiny", "--topology", "v5p:2x2x1", "--mesh", "fsdp=2,expert=2"]
+    assert cli.main(base + ["--mode", "train", "--objective", "grpo"]) == 2
+    assert "--objective and --kl apply to --mode rl, not --mode train" in capsys.readouterr().err
+    assert cli.main(base + ["--mode", "rl", "--micro-batches", "2", "--batch", "4"]) == 2
+    assert "--batch must be a multiple of 8, got 4" in capsys.readouterr().err
+    cfg = one_lightning_layer()
+    cfg_path = tmp_path / "config.json"
+    cfg.to_json(cfg_path)
+    out = tmp_path / "aot.json"
+    rc = cli.main(["aot", "--config", str(cfg_path)] + base[3:] + [
+        "--mode", "rl", "--objective", "grpo", "--micro-batches", "2", "--kl", "0.01", "--seq-len", "128",
+        "--json", str(out)])
+    assert rc == 0
+    assert "mode            rl (batch 8 x seq 128, prompt + response)" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["batch"] == 8  # default: one row per data-parallel shard in each of the 2 micro-batches
+    assert report["param_dtype"] == "float32" and report["fits"] is True
+    assert "objective grpo, kl_coef 0.01, 2 micro-batches" in report["note"]
+    assert report["model_flops"] == step_flops(cfg, "train", batch=8, seq_len=128, context=report["context"])
+    # the state is donated (aliased to the outputs); what is left of the arguments is this device's 2 rows of
+    # tokens, loss mask, old and reference log-probs (4 bytes each) and their advantages
+    rows = 8 // 4
+    batch_bytes = rows * 128 * 4 * 4 + rows * 4
+    assert report["alias_bytes"] > 0
+    assert batch_bytes <= report["argument_bytes"] - report["alias_bytes"] < 2 * batch_bytes
+
+
+def test_aot_rl_lowers_the_update_step_of_the_policy_state():
+    """``m1 aot --mode rl`` plans the program :class:`m1_jax.rl.update.PolicyState` runs: the same lowered HLO,
+    8-device mesh."""
+    import jax
+    from flax import nnx
+
+    from m1_jax import sharding, train
+    from m1_jax.model import M1Model
+    from m1_jax.rl.update import UpdateOptions, build_policy_state
+    from m1_jax.run_config import RunConfig
+
+    cfg = one_lightning_layer()
+    mesh = sharding.make_mesh("data=2,fsdp=2,expert=2", jax.devices())
+    model_kw = train.model_options(RunConfig())
+    opts = UpdateOptions(objective="dapo", objective_options={"eps_high": 0.3}, micro_batches=2, remat="full")
+    ps = build_policy_state(M1Model(cfg, rngs=nnx.Rngs(0), **model_kw), mesh, opts)
+    batch = aot.rl_batch(mesh, 16, 32)
+    assert set(batch) == set(ps.batch_shardings)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), ps.state, ps.state_shardings)
+    ran = ps._step.lower(state, batch).as_text()
+    planned, note = aot.lower_step(cfg, mesh, "rl", batch=16, seq_len=32, context=0, model_kw=model_kw,
+                                   run=RunConfig(), update=opts)
+    assert planned.as_text() == ran
+    assert note.startswith("RL update (m1_jax.rl.update): objective dapo, eps_high 0.3, 2 micro-batches")
