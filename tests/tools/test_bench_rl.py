@@ -1,0 +1,56 @@
+"""``tools/bench_rl.py`` end to end on the tiny preset with the smallest sizes: one table row with every
+response run to its length, positive timings and throughputs, and a split that sums to the step."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).parents[2] / "tools"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("bench_rl", TOOLS / "bench_rl.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _table(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")]
+
+
+def test_bench_rl_times_one_step(tmp_path, capsys):
+    out = tmp_path / "rl.json"
+    tool = _tool()
+    assert tool.main(["--configs", "tiny", "--prompts", "1", "--group-size", "2", "--prompt-len", "3",
+                      "--max-new-tokens", "2", "--rounds", "2", "--repeats", "1", "--out", str(out)]) == 0
+    header, *rows = _table(capsys.readouterr().out)
+    assert header == [c.strip() for c in tool.HEADER.strip("|").split("|")]
+    assert len(rows) == 1
+    row = dict(zip(header, rows[0]))
+    assert row["config"] == "tiny" and row["rows x length"] == "2 x 5" and row["update s (rounds)"].endswith("(2)")
+    for col in ("rollout s", "rollout tokens/s", "reward + adv. s", "update tokens/s", "step s", "steps/s",
+                "first rollout s (with compile)", "first update round s (with compile)"):
+        assert float(row[col]) > 0, col
+    split = [float(p.rstrip("%")) for p in row["split rollout / reward / update"].split(" / ")]
+    assert all(p > 0 for p in split) and sum(split) == pytest.approx(100, abs=0.2)
+
+    (r,) = json.loads(out.read_text())["rows"]
+    assert r["generated"] == 2 * 2  # no end-of-sequence token: every response runs to max_new_tokens
+    assert r["rollout_s"] + r["reward_s"] + r["update_s"] == pytest.approx(r["step_s"], rel=1e-6)
+    assert r["rollout_tokens_per_s"] == pytest.approx(4 / r["rollout_s"])
+    assert r["update_tokens_per_s"] == pytest.approx(2 * 5 * 2 / r["update_s"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "tiny,huge"], "--configs: unknown huge; choose from tiny, 100m"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["--prompts", "3", "--group-size", "3", "--micro-batches", "2"], "--micro-batches 2 does not divide the 9 rows"),
+])
+def test_bench_rl_rejects_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _tool().main(argv)
+    assert message in capsys.readouterr().err
