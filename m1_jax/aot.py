@@ -108,6 +108,7 @@ class AotReport:
     flops: float | None  # XLA's cost analysis, per device: a loop body (the layer scan) is counted once
     model_flops: float  # m1_jax.flops.step_flops: the step's model FLOPs over all devices
     note: str = ""
+    head_dtype: str = ""  # the output head's matmul dtype ("": the compute dtype)
 
     @property
     def total_bytes(self) -> int:
@@ -135,7 +136,8 @@ class AotReport:
         lines = [
             f"mode            {self.mode} ({shape})",
             f"topology        {self.topology}: {self.devices} devices, mesh {self.mesh}",
-            f"dtypes          params {self.param_dtype}, compute {self.compute_dtype}, lightning {self.lightning_impl}",
+            (f"dtypes          params {self.param_dtype}, compute {self.compute_dtype}, "
+             f"head {self.head_dtype or self.compute_dtype}, lightning {self.lightning_impl}"),
             f"compile time    {self.compile_s:.1f} s",
             "per device:",
             f"  arguments     {gb(self.argument_bytes)}",
@@ -258,7 +260,8 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
 
     ``run`` (train mode): the run config whose optimizer and step options (micro-batches, z-loss) the
     train step uses, as ``m1 train`` would; default :class:`m1_jax.run_config.RunConfig` defaults.
-    ``remat`` overrides its ``model.remat``. ``update`` (rl mode): the update's objective (with its options,
+    ``remat`` overrides its ``model.remat``; its ``model.head_dtype`` sets the output head's matmul dtype (every
+    mode; "auto": the compute dtype). ``update`` (rl mode): the update's objective (with its options,
     e.g. ``{"kl_coef": 0.01}``) and micro-batches, default :class:`m1_jax.rl.update.UpdateOptions`;
     ``remat`` overrides its ``remat``. ``seq_len`` is then the prompt + response length of a row."""
     if mode not in MODES:
@@ -297,4 +300,5 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
         hbm_bytes=None if hbm is None else hbm * GiB, flops=float(cost["flops"]) if "flops" in cost else None,
         # the RL update runs the train step's passes (forward + backward over every token)
         model_flops=step_flops(cfg, "train" if mode == "rl" else mode, batch=batch, seq_len=seq_len, context=context),
-        note=note if remat == "none" else f"remat {remat}; {note}".rstrip("; "))
+        note=note if remat == "none" else f"remat {remat}; {note}".rstrip("; "),
+        head_dtype=jnp.dtype(model_kw.get("head_dtype") or dtype).name)

@@ -36,6 +36,9 @@ def add_arguments(p):
     p.add_argument("--param-dtype", choices=DTYPES, default=None,
                    help="parameter storage dtype (default: float32 for train and rl, bfloat16 otherwise)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="compute dtype")
+    p.add_argument("--head-dtype", choices=("auto", *DTYPES), default="auto",
+                   help="the output head's matmul dtype (auto: the compute dtype; float32 as the MiniMax-M1 "
+                        "report's RL)")
     p.add_argument("--lightning-impl", choices=("auto", "xla", "pallas"), default="auto",
                    help="lightning attention: auto = the Pallas TPU kernels")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none",
@@ -70,6 +73,7 @@ def run(args) -> int:
                          f"{shards * args.micro_batches}, got {batch}")
     run_config = RunConfig()
     run_config.data.micro_batches = args.micro_batches
+    run_config.model.head_dtype = args.head_dtype
     update = UpdateOptions(objective=args.objective or "cispo", micro_batches=args.micro_batches,
                            objective_options={"kl_coef": args.kl} if args.kl else {})
     param_dtype = DTYPES[args.param_dtype or ("float32" if args.mode in ("train", "rl") else "bfloat16")]

@@ -113,12 +113,13 @@ def test_m1_aot_rl_update_on_v5p(tmp_path, monkeypatch, capsys):
     out = tmp_path / "aot.json"
     rc = cli.main(["aot", "--config", str(cfg_path)] + base[3:] + [
         "--mode", "rl", "--objective", "grpo", "--micro-batches", "2", "--kl", "0.01", "--seq-len", "128",
-        "--json", str(out)])
+        "--head-dtype", "float32", "--json", str(out)])
     assert rc == 0
     assert "mode            rl (batch 8 x seq 128, prompt + response)" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["batch"] == 8  # default: one row per data-parallel shard in each of the 2 micro-batches
     assert report["param_dtype"] == "float32" and report["fits"] is True
+    assert (report["compute_dtype"], report["head_dtype"]) == ("bfloat16", "float32")
     assert "objective grpo, kl_coef 0.01, 2 micro-batches" in report["note"]
     assert report["model_flops"] == step_flops(cfg, "train", batch=8, seq_len=128, context=report["context"])
     # the state is donated (aliased to the outputs); what is left of the arguments is this device's 2 rows of
