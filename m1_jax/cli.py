@@ -24,6 +24,7 @@ COMMANDS = {
     "generate": ("m1_jax.commands.generate", "generate text from a prompt (streaming)"),
     "chat": ("m1_jax.commands.chat", "interactive chat in M1's template, with tools"),
     "train": ("m1_jax.commands.train", "train or fine-tune (default: a tiny hybrid M1 on the Python stdlib's source)"),
+    "rl": ("m1_jax.commands.rl", "reinforcement learning with verifiable rewards: CISPO (or GRPO, DAPO) on rollouts"),
     "aot": ("m1_jax.commands.aot", "compile for a TPU topology on this host: per-device memory, HBM fit, FLOPs"),
     "flops": ("m1_jax.commands.flops", "inference FLOPs vs generation length: M1 against a DeepSeek-R1-shaped model"),
 }

@@ -174,18 +174,21 @@ RESUME_FIXED_FIELDS = ("data.source", "data.format", "data.tokenizer", "data.seq
                        "data.seed", "data.max_files", "data.window")
 
 
-@dataclasses.dataclass
-class RunConfig:
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
-    data: DataSection = dataclasses.field(default_factory=DataSection)
-    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+class SectionedConfig:
+    """A config made of dataclass sections (``SECTIONS``: name -> dataclass) read from JSON and ``--set``
+    overrides, each value checked against ``CHOICES`` and ``RULES`` (keyed ``section.field``). Subclasses are
+    dataclasses with one field per section; :class:`RunConfig` (``m1 train``) and
+    :class:`m1_jax.rl.config.RLRunConfig` (``m1 rl``)."""
+
+    SECTIONS: dict[str, type] = {}
+    CHOICES: dict[str, tuple[str, ...]] = {}
+    RULES: dict[str, Callable[[Any], str | None]] = {}
 
     def __post_init__(self):
         self._sources: dict[str, str] = {}  # section.field -> the file or flag that set it last
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "run config") -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "run config"):
         out = cls()
         out.update(d, source)
         out.validate()
@@ -193,11 +196,12 @@ class RunConfig:
 
     def update(self, d: dict[str, Any], source: str = "run config") -> None:
         """Sets the fields of a nested dict (sections of fields), each checked as by :meth:`set`."""
+        sections = self.SECTIONS
         if not isinstance(d, dict):
-            raise RunConfigError(f"{source}: expected a JSON object with sections {', '.join(SECTIONS)}")
+            raise RunConfigError(f"{source}: expected a JSON object with sections {', '.join(sections)}")
         for name, values in d.items():
-            if name not in SECTIONS:
-                raise RunConfigError(f"{source}: unknown section {name!r} (sections: {', '.join(SECTIONS)})")
+            if name not in sections:
+                raise RunConfigError(f"{source}: unknown section {name!r} (sections: {', '.join(sections)})")
             if not isinstance(values, dict):
                 raise RunConfigError(f"{source}: section {name!r} must be a JSON object")
             for key, value in values.items():
@@ -209,33 +213,33 @@ class RunConfig:
     def set(self, dotted: str, value: Any, source: str = "--set") -> None:
         """Sets ``section.field`` to ``value``: type-checked against the default's type, then its range."""
         section, _, field = dotted.partition(".")
-        if section not in SECTIONS or not field:
+        if section not in self.SECTIONS or not field:
             raise RunConfigError(f"{source}: {dotted!r} is not SECTION.FIELD with SECTION one of "
-                                 f"{', '.join(SECTIONS)}")
+                                 f"{', '.join(self.SECTIONS)}")
         obj = getattr(self, section)
         fields = {f.name: f for f in dataclasses.fields(obj)}
         if field not in fields:
             raise RunConfigError(f"{source}: unknown key {dotted!r} (fields of {section}: {', '.join(fields)})")
-        value = _checked(dotted, value, fields[field], f"{source}: {dotted}")
+        value = self._checked(dotted, value, fields[field], f"{source}: {dotted}")
         setattr(obj, field, value)
         self._sources.pop(dotted, None)
         self._sources[dotted] = source  # insertion order: the last one set comes last
 
     def validate(self) -> None:
-        """Checks every field (for configs built in code) and the relations between fields."""
-        for section in SECTIONS:
+        """Checks every field (for configs built in code), then the relations between fields
+        (:meth:`check_relations`)."""
+        for section in self.SECTIONS:
             obj = getattr(self, section)
             for f in dataclasses.fields(obj):
                 dotted = f"{section}.{f.name}"
-                _checked(dotted, getattr(obj, f.name), f, f"{self._source(dotted)}: {dotted}")
-        d, t = self.data, self.train
-        if d.batch_size % d.micro_batches:
-            self._fail(("data.micro_batches", "data.batch_size"),
-                       f"{d.micro_batches} does not divide data.batch_size={d.batch_size}")
-        if t.sample_tokens and not t.sample_prompt:
-            self._fail(("train.sample_prompt", "train.sample_tokens"),
-                       f"is empty but train.sample_tokens={t.sample_tokens} (a sample needs a prompt; "
-                       f"train.sample_tokens=0 turns the sample off)")
+                self._checked(dotted, getattr(obj, f.name), f, f"{self._source(dotted)}: {dotted}")
+        self.check_relations()
+
+    def check_relations(self) -> None:
+        """Raises (through :meth:`_fail`) when fields that are valid alone do not go together."""
+
+    def _checked(self, dotted: str, value: Any, f: dataclasses.Field, what: str):
+        return _checked(dotted, value, f, what, self.CHOICES, self.RULES)
 
     def _source(self, dotted: str) -> str:
         return self._sources.get(dotted, "run config")
@@ -248,15 +252,38 @@ class RunConfig:
         raise RunConfigError(f"{self._source(last)}: {fields[0]}: {msg}")
 
 
-def _checked(dotted: str, value: Any, f: dataclasses.Field, what: str):
-    """``value`` converted to the field's type (:func:`_coerce`) and within its range (:data:`RULES`)."""
+@dataclasses.dataclass
+class RunConfig(SectionedConfig):
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+
+    SECTIONS = SECTIONS
+    CHOICES = CHOICES
+    RULES = RULES
+
+    def check_relations(self) -> None:
+        d, t = self.data, self.train
+        if d.batch_size % d.micro_batches:
+            self._fail(("data.micro_batches", "data.batch_size"),
+                       f"{d.micro_batches} does not divide data.batch_size={d.batch_size}")
+        if t.sample_tokens and not t.sample_prompt:
+            self._fail(("train.sample_prompt", "train.sample_tokens"),
+                       f"is empty but train.sample_tokens={t.sample_tokens} (a sample needs a prompt; "
+                       f"train.sample_tokens=0 turns the sample off)")
+
+
+def _checked(dotted: str, value: Any, f: dataclasses.Field, what: str, choices: Mapping = CHOICES,
+             rules: Mapping = RULES):
+    """``value`` converted to the field's type (:func:`_coerce`) and within its range (``rules``)."""
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     value = _coerce(value, default, f.type, what)
     if value is None:
         return None
-    if dotted in CHOICES and value not in CHOICES[dotted]:
-        raise RunConfigError(f"{what}: must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
-    rule = RULES.get(dotted)
+    if dotted in choices and value not in choices[dotted]:
+        raise RunConfigError(f"{what}: must be one of {', '.join(choices[dotted])}, got {value!r}")
+    rule = rules.get(dotted)
     if rule is not None and (err := rule(value)) is not None:
         raise RunConfigError(f"{what}: {err}")
     return value
@@ -288,10 +315,10 @@ def _coerce(value, default, annotation, what: str):
 def diff_run_configs(a: RunConfig | Mapping, b: RunConfig | Mapping) -> dict[str, tuple[Any, Any]]:
     """``{"section.field": (value in a, value in b)}`` for every field that differs (dicts as
     :meth:`RunConfig.to_dict` writes them are accepted too)."""
-    da = a.to_dict() if isinstance(a, RunConfig) else a
-    db = b.to_dict() if isinstance(b, RunConfig) else b
+    da = a.to_dict() if isinstance(a, SectionedConfig) else a
+    db = b.to_dict() if isinstance(b, SectionedConfig) else b
     out = {}
-    for section in SECTIONS:
+    for section in dict.fromkeys([*da, *db]):
         sa, sb = da.get(section, {}), db.get(section, {})
         for key in dict.fromkeys([*sa, *sb]):
             if sa.get(key) != sb.get(key):
@@ -299,12 +326,13 @@ def diff_run_configs(a: RunConfig | Mapping, b: RunConfig | Mapping) -> dict[str
     return out
 
 
-def resume_conflicts(saved: RunConfig | Mapping, current: RunConfig | Mapping) -> list[str]:
-    """What ``current`` changed among :data:`RESUME_FIXED_FIELDS` against the run config a checkpoint
-    was written with, one line per field (empty: the run may resume)."""
+def resume_conflicts(saved: SectionedConfig | Mapping, current: SectionedConfig | Mapping,
+                     fixed: tuple[str, ...] = RESUME_FIXED_FIELDS) -> list[str]:
+    """What ``current`` changed among ``fixed`` (default :data:`RESUME_FIXED_FIELDS`) against the run config a
+    checkpoint was written with, one line per field (empty: the run may resume)."""
     diff = diff_run_configs(saved, current)
     return [f"{f}: {diff[f][0]!r} when the checkpoint was written, {diff[f][1]!r} now"
-            for f in RESUME_FIXED_FIELDS if f in diff]
+            for f in fixed if f in diff]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -319,25 +347,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def resolve_run_config_path(name_or_path: str | os.PathLike) -> Path:
+def resolve_run_config_path(name_or_path: str | os.PathLike, prefix: str = "train-") -> Path:
+    """A run config file, or the preset ``NAME`` / ``PREFIXNAME`` in :data:`m1_jax.presets.CONFIG_DIR`."""
     p = Path(name_or_path)
     if p.is_file():
         return p
-    for candidate in (CONFIG_DIR / f"{name_or_path}.json", CONFIG_DIR / f"train-{name_or_path}.json"):
+    for candidate in (CONFIG_DIR / f"{name_or_path}.json", CONFIG_DIR / f"{prefix}{name_or_path}.json"):
         if candidate.is_file():
             return candidate
-    names = sorted(q.stem for q in CONFIG_DIR.glob("train-*.json"))
+    names = sorted(q.stem for q in CONFIG_DIR.glob(f"{prefix}*.json"))
     raise RunConfigError(f"--config {name_or_path}: no such run config file (presets: {', '.join(names)})")
 
 
-def load_run_config(name_or_path: str | os.PathLike | None = None, overrides=()) -> RunConfig:
-    """The run config from a file (default: the ``train-demo`` preset) with ``--set`` overrides applied."""
-    path = resolve_run_config_path(name_or_path or "train-demo")
+def load_run_config(name_or_path: str | os.PathLike | None = None, overrides=(), *, kind: type = RunConfig,
+                    prefix: str = "train-", default: str = "train-demo"):
+    """The run config of class ``kind`` from a file (default: the ``default`` preset, ``train-demo``) with
+    ``--set`` overrides applied."""
+    path = resolve_run_config_path(name_or_path or default, prefix)
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RunConfigError(f"{path}: not valid JSON ({e})") from None
-    cfg = RunConfig()
+    cfg = kind()
     cfg.update(d, source=str(path))
     for text in overrides:
         key, value = parse_override(text)

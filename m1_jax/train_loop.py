@@ -34,7 +34,7 @@ from m1_jax.data import get_tokenizer, make_batches
 from m1_jax.generation import generate
 from m1_jax.loading import from_pretrained
 from m1_jax.presets import resolve_config
-from m1_jax.run_config import RunConfig, resume_conflicts
+from m1_jax.run_config import RESUME_FIXED_FIELDS, RunConfig, resume_conflicts
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class WorkdirLock:
 
     NAME = "train.lock"
 
-    def __init__(self, workdir: str):
-        self.workdir = workdir
+    def __init__(self, workdir: str, command: str = "m1 train"):
+        self.workdir, self.command = workdir, command
         self.path = os.path.join(workdir, self.NAME)
         self._fd: int | None = None
 
@@ -68,7 +68,7 @@ class WorkdirLock:
             holder = os.read(fd, 256).decode(errors="replace").split()
             os.close(fd)
             who = f"pid {holder[0]} on {holder[1]}" if len(holder) == 2 else "pid unknown"
-            raise WorkdirError(f"{self.workdir}: in use by another `m1 train` ({who}); wait for it to end or "
+            raise WorkdirError(f"{self.workdir}: in use by another `{self.command}` ({who}); wait for it to end or "
                                "choose another --workdir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -104,7 +104,7 @@ def tensorboard_writer(directory: str):
     return None
 
 
-def _metrics_file(workdir: str, start_step: int):
+def metrics_file(workdir: str, start_step: int):
     """Opens metrics.jsonl for appending after dropping lines past ``start_step`` (a resumed run
     repeats the steps after its checkpoint). The kept lines go to a new file that replaces the old one
     only once it is on disk: a run killed meanwhile leaves the history as it was."""
@@ -132,12 +132,14 @@ def _metrics_file(workdir: str, start_step: int):
     return open(path, "a", buffering=1)
 
 
-def check_resumable(meta: dict, where: str, config: dict, run: RunConfig, what: str) -> None:
-    """Refuses a checkpoint (its ``meta``) saved with another model config or another data stream."""
+def check_resumable(meta: dict, where: str, config: dict, run: RunConfig, what: str,
+                    fixed: tuple[str, ...] = RESUME_FIXED_FIELDS) -> None:
+    """Refuses a checkpoint (its ``meta``) saved with another model config or another data stream (the
+    run-config fields ``fixed``)."""
     if meta.get("config") != config:
         raise CheckpointError(f"{where}: saved with another model config than {what!r}; resume with the same "
                               "model")
-    changed = resume_conflicts(meta["run"], run) if "run" in meta else []
+    changed = resume_conflicts(meta["run"], run, fixed) if "run" in meta else []
     if changed:
         raise CheckpointError(f"{where}: saved with another data stream ({'; '.join(changed)}); resume with the "
                               "same values, or start a new --workdir")
@@ -192,7 +194,7 @@ def _train(run: RunConfig, workdir: str, ckpt: Checkpointer, *, resume: bool, in
         summary.start_step, summary.damaged = got.step, got.damaged
         log.info("resumed from %s/%d", ckpt.directory, got.step)
     primary = jax.process_index() == 0
-    metrics_f = _metrics_file(workdir, summary.start_step) if primary else None
+    metrics_f = metrics_file(workdir, summary.start_step) if primary else None
     tb = tensorboard_writer(os.path.join(workdir, "tensorboard")) if primary else None
     peak = train.peak_flops(mesh.devices.flat[0], t.peak_flops_per_device)
     t_start = time.perf_counter()

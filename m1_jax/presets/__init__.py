@@ -1,6 +1,7 @@
 """Named configs shipped inside the package, as JSON files beside this module.
 
-Model presets (``minimax-m1-40k``, ``tiny``, ...) and run configs for ``m1 train`` (``train-*.json``)."""
+Model presets (``minimax-m1-40k``, ``tiny``, ...) and run configs for ``m1 train`` (``train-*.json``) and
+``m1 rl`` (``rl-*.json``)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from pathlib import Path
 from m1_jax.config import ConfigError, M1Config
 
 CONFIG_DIR = Path(__file__).resolve().parent
+RUN_CONFIG_PREFIXES = ("train-", "rl-")  # run configs, not model presets
 
 
 def preset_names() -> list[str]:
     """Model preset names (run configs excluded)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json") if not p.stem.startswith("train"))
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json") if not p.stem.startswith(RUN_CONFIG_PREFIXES))
 
 
 def resolve_config(name_or_path: str | os.PathLike) -> M1Config:

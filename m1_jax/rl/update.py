@@ -127,6 +127,12 @@ class PolicyState:
         objective = make_objective(opts.objective, **dict(opts.objective_options))
         step = update_step_fn(self.graphdef, objective, schedule, micro_batches=opts.micro_batches, remat=opts.remat)
         self._step = jit_step(step, self.state_shardings, self.batch_shardings, mesh, compiler_options)
+        graphdef = self.graphdef
+
+        def logprobs(state, tokens):
+            return policy_logprobs(nnx.merge(graphdef, state)[0], tokens)[0]
+
+        self._logprobs = jax.jit(logprobs, in_shardings=(self.state_shardings, self.batch_shardings["tokens"]))
 
     def global_batch(self, batch: Mapping[str, object]) -> dict[str, jax.Array]:
         """The batch (:func:`m1_jax.rl.rollout.to_update_batch`) placed on the mesh, with the step's dtypes."""
@@ -140,8 +146,24 @@ class PolicyState:
 
     def update(self, batch: Mapping[str, object]) -> dict[str, jax.Array]:
         """One optimizer step on ``batch``; returns the metrics."""
-        self.state, metrics = self._step(self.state, self.global_batch(batch))
+        return self.update_placed(self.global_batch(batch))
+
+    def update_placed(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """One optimizer step on a batch already placed by :meth:`global_batch` (several update rounds on one
+        rollout batch place it once)."""
+        self.state, metrics = self._step(self.state, batch)
         return metrics
+
+    def logprobs(self, tokens) -> jax.Array:
+        """float32 [B, T - 1]: the log-probs of ``tokens[:, 1:]`` under the current policy, computed as the
+        update step computes them (the full-sequence forward)."""
+        tokens = jax.device_put(jnp.asarray(tokens, jnp.int32), self.batch_shardings["tokens"])
+        return self._logprobs(self.state, tokens)
+
+    def abstract_state(self):
+        """ShapeDtypeStructs with this mesh's shardings (a checkpoint's restore target)."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.state, self.state_shardings)
 
     def model(self) -> M1Model:
         return nnx.merge(self.graphdef, self.state)[0]

@@ -93,7 +93,7 @@ KILLED_MID_REWRITE = textwrap.dedent("""
     # Writing past 200 bytes raises SIGXFSZ, which (Python ignores it by default) kills the process mid-write.
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
     resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
-    train_loop._metrics_file(sys.argv[1], 8)
+    train_loop.metrics_file(sys.argv[1], 8)
 """)
 
 
@@ -105,5 +105,5 @@ def test_metrics_history_survives_a_kill_during_the_resume_rewrite(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGXFSZ, proc.stderr[-2000:]
     assert metrics.read_text() == "".join(lines)
-    train_loop._metrics_file(str(tmp_path), 8).close()  # a rewrite that completes keeps steps 1..8
+    train_loop.metrics_file(str(tmp_path), 8).close()  # a rewrite that completes keeps steps 1..8
     assert metrics.read_text() == "".join(lines[:8])
