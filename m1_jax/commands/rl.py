@@ -66,7 +66,8 @@ def run(args) -> int:
         line = (f"{run_cfg.rl.objective} steps {s.start_step + 1}..{s.steps}: rollout reward "
                 f"{first['reward_mean']:.3f} -> {last['reward_mean']:.3f} in {s.wall_s:.1f}s")
         if "consistency" in first:
-            line += f"; behaviour vs update log-prob correlation {first['consistency']:.6f}"
+            c = first["consistency"]
+            line += f"; behaviour vs update log-prob correlation {c:.6f} (1 - {1 - c:.1e})"
         print(line)
     else:
         print(f"nothing to run: the checkpoint is already at step {s.start_step} of {run_cfg.train.steps}")

@@ -55,7 +55,7 @@ from m1_jax.train_loop import TrainingError, WorkdirError, WorkdirLock, check_re
 
 log = logging.getLogger(__name__)
 
-ROW_MULTIPLE = 32  # update rows are padded to a multiple of this many tokens (few compiled shapes)
+ROW_MULTIPLE = 16  # update rows are padded to a multiple of this many tokens (few compiled shapes)
 EVAL_CHUNK = 256  # held-out prompts generated together
 
 

@@ -3,10 +3,12 @@ leaves missing groups out of the update; the reward and the prompts are checked 
 
 import copy
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from flax import nnx
 
 from m1_jax.model import init_model
@@ -110,3 +112,30 @@ def test_bad_reward_and_workdir_reuse_fail_before_any_model(finished, tmp_path):
         fit_rl(bad, str(tmp_path / "w1"), progress=False)
     with pytest.raises(Exception, match="already holds checkpoints .* pass --resume"):
         fit_rl(run, str(tmp / "work"), progress=False)
+
+
+def test_m1_rl_on_a_finished_run_prints_where_it_stands(finished, tmp_path, capsys):
+    tmp, run, _ = finished
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(run.to_dict()))
+    code, out, err = run_cli(["rl", "--config", str(config), "--workdir", str(tmp / "work"), "--resume",
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"nothing to run: the checkpoint is already at step {STEPS} of {STEPS}" in out
+    assert f"checkpoint: {tmp / 'work' / 'checkpoints' / str(STEPS)}" in out
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--set", "rl.objective=ppo"], r"--set rl\.objective=ppo: rl\.objective: must be one of cispo, grpo, dapo"),
+    (["--objective", "ppo"], r"rl\.objective: must be one of"),
+    (["--set", "rollout.temprature=1"], r"unknown key 'rollout\.temprature'"),
+    (["--config", "no-such"], r"--config no-such: no such run config file \(presets: rl-demo\)"),
+    (["--resume"], r"--resume: name the run to continue with --workdir"),
+    (["--set", "prompts.source=/no/such.jsonl", "--workdir", "{tmp}/w"], r"/no/such\.jsonl: cannot read prompts"),
+    (["--reward", "{tmp}/missing.py:score", "--workdir", "{tmp}/w"], r"missing\.py:score.*cannot import"),
+])
+def test_m1_rl_errors_are_one_line_naming_the_flag(capsys, tmp_path, extra, match):
+    code, out, err = run_cli(["rl", *[a.format(tmp=tmp_path) for a in extra]], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and err.startswith("m1 rl: error: ") and len(err.splitlines()) == 1, err
+    assert re.search(match, err), err
