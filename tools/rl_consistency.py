@@ -61,7 +61,14 @@ def parse_args(argv):
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sampling and of a random init (default 0)")
     ap.add_argument("--out", help="also write the rows and the setup as JSON here")
+    ap.add_argument("--cases", default=",".join(f"{c}/{h}" for c, h in CASES),
+                    help="COMPUTE/HEAD dtype pairs to measure (default: %(default)s)")
     args = ap.parse_args(argv)
+    args.cases = [tuple(c.split("/")) for c in args.cases.split(",") if c]
+    unknown = ["/".join(c) for c in args.cases if c not in CASES]
+    if unknown or not args.cases:
+        ap.error(f"--cases: {', '.join(unknown) or 'none given'}: choose from "
+                 f"{', '.join(f'{c}/{h}' for c, h in CASES)}")
     for flag, value, lo in (("--train-steps", args.train_steps, 0), ("--prompts", args.prompts, 1),
                             ("--group-size", args.group_size, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
         if value < lo:
@@ -81,9 +88,10 @@ def update_logprobs(model, tokens):
 
 
 def measure(load, prompts: list[list[int]], args) -> list[dict]:
-    """One row per :data:`CASES` entry: ``load(dtype, head_dtype)`` gives the model both paths use."""
+    """One row per ``args.cases`` entry (:data:`CASES` by default): ``load(dtype, head_dtype)`` gives the model
+    both paths use."""
     rows = []
-    for compute, head in CASES:
+    for compute, head in args.cases:
         model = load(jnp.dtype(compute), jnp.dtype(head))
         t0 = time.perf_counter()
         r = rollout(model, prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,

@@ -63,6 +63,7 @@ class RolloutSection:
     top_p: float = 1.0
     reward: str = "exact_match"  # a name in m1_jax.rl.rewards.REWARDS, or module:function / file.py:function
     pass_threshold: float = 1.0  # a response passes when its reward (before penalties) is at least this
+    reward_workers: int = 1  # threads scoring responses (more for rewards that wait on subprocesses: python_tests)
     dynamic_sampling: str = "auto"  # auto (the objective's recipe) | on | off: drop groups whose rewards are equal
     max_rollouts: int = 4  # rollout batches per step at most, refilling dropped groups (dynamic sampling)
     repetition_stop: int = 3000  # end a response after this many consecutive tokens each with p > 0.99 (0 = off)
@@ -137,6 +138,7 @@ RL_RULES = {
     "rollout.top_p": _probability,
     "rollout.reward": _non_empty,
     "rollout.max_rollouts": _at_least(1),
+    "rollout.reward_workers": _at_least(1),
     "rollout.repetition_stop": _at_least(0),
     "rollout.overlong_penalty": _at_least(0),
     "rollout.seed": _seed,

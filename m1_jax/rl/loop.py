@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -81,10 +82,16 @@ class Scorer:
         self.tokenizer, self.threshold = tokenizer, run.rollout.pass_threshold
         self.eos = tokenizer.eos_token_id
         self.rows_multiple = rows_multiple  # a sharded model generates for a multiple of its batch axes' size
+        self.workers = run.rollout.reward_workers
 
     def scores(self, responses: list[list[int]], records: list[dict]) -> np.ndarray:
-        return np.array([self.reward(self.tokenizer.decode(ids), reward_view(rec))
-                         for ids, rec in zip(responses, records)], np.float64)
+        def score(i: int) -> float:
+            return self.reward(self.tokenizer.decode(responses[i]), reward_view(records[i]))
+
+        if self.workers == 1:
+            return np.array([score(i) for i in range(len(responses))], np.float64)
+        with ThreadPoolExecutor(self.workers) as pool:
+            return np.array(list(pool.map(score, range(len(responses)))), np.float64)
 
     def pass_rate(self, model: M1Model, records: list[dict], prompts: list[list[int]], max_new_tokens: int) -> float:
         passed, chunk = 0, -(-EVAL_CHUNK // self.rows_multiple) * self.rows_multiple

@@ -139,3 +139,14 @@ def test_m1_rl_errors_are_one_line_naming_the_flag(capsys, tmp_path, extra, matc
     assert code == 2, err
     assert "Traceback" not in err and err.startswith("m1 rl: error: ") and len(err.splitlines()) == 1, err
     assert re.search(match, err), err
+
+
+def test_scorer_threads_give_the_same_scores_in_order(finished):
+    run = copy.deepcopy(finished[1])
+    tok = ByteTokenizer(512)
+    records = [{"kind": "parity"}] * 7 + [{"kind": "constant"}]
+    responses = [tok.encode(f"answer {i}") for i in range(8)]
+    serial = Scorer(run, tok).scores(responses, records)
+    run.set("rollout.reward_workers", 4)
+    np.testing.assert_array_equal(Scorer(run, tok).scores(responses, records), serial)
+    assert serial[-1] == 1.0 and set(serial[:-1]) == {0.0, 1.0}
