@@ -11,6 +11,7 @@ import pytest
 from cli_runner import run_cli
 from flax import nnx
 
+from m1_jax import distributed
 from m1_jax.model import init_model
 from m1_jax.presets import resolve_config
 from m1_jax.rl.config import RLRunConfig
@@ -114,7 +115,13 @@ def test_bad_reward_and_workdir_reuse_fail_before_any_model(finished, tmp_path):
         fit_rl(run, str(tmp / "work"), progress=False)
 
 
-def test_m1_rl_on_a_finished_run_prints_where_it_stands(finished, tmp_path, capsys):
+@pytest.fixture
+def in_process(monkeypatch):
+    """The CLI in this process, whose JAX already runs on the 8 emulated devices."""
+    monkeypatch.setattr(distributed, "setup", lambda **kw: None)
+
+
+def test_m1_rl_on_a_finished_run_prints_where_it_stands(finished, tmp_path, capsys, in_process):
     tmp, run, _ = finished
     config = tmp_path / "run.json"
     config.write_text(json.dumps(run.to_dict()))
@@ -134,7 +141,7 @@ def test_m1_rl_on_a_finished_run_prints_where_it_stands(finished, tmp_path, caps
     (["--set", "prompts.source=/no/such.jsonl", "--workdir", "{tmp}/w"], r"/no/such\.jsonl: cannot read prompts"),
     (["--reward", "{tmp}/missing.py:score", "--workdir", "{tmp}/w"], r"missing\.py:score.*cannot import"),
 ])
-def test_m1_rl_errors_are_one_line_naming_the_flag(capsys, tmp_path, extra, match):
+def test_m1_rl_errors_are_one_line_naming_the_flag(capsys, tmp_path, in_process, extra, match):
     code, out, err = run_cli(["rl", *[a.format(tmp=tmp_path) for a in extra]], capsys)
     assert code == 2, err
     assert "Traceback" not in err and err.startswith("m1 rl: error: ") and len(err.splitlines()) == 1, err
