@@ -65,7 +65,7 @@ def run(args) -> int:
         first, last = s.records[0], s.records[-1]
         line = (f"{run_cfg.rl.objective} steps {s.start_step + 1}..{s.steps}: rollout reward "
                 f"{first['reward_mean']:.3f} -> {last['reward_mean']:.3f} in {s.wall_s:.1f}s")
-        if "consistency" in first:
+        if first.get("consistency") is not None:
             c = first["consistency"]
             line += f"; behaviour vs update log-prob correlation {c:.6f} (1 - {1 - c:.1e})"
         print(line)

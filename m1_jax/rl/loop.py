@@ -317,17 +317,21 @@ def _fit(run: RLRunConfig, workdir: str, ckpt: Checkpointer, *, resume: bool, in
             t1 = time.perf_counter()
             if kl:
                 batch["ref_logprobs"] = _shifted(np.asarray(reference.logprobs(batch["tokens"])))
-            if step == summary.start_step == 0 or (t.consistency_every and (step + 1) % t.consistency_every == 0):
-                record["consistency"] = logprob_agreement(batch["old_logprobs"][:, 1:],
-                                                          np.asarray(ps.logprobs(batch["tokens"])),
-                                                          batch["loss_mask"][:, 1:])["correlation"]
+            trainable = int(batch["loss_mask"].sum())
+            if trainable > 1 and (step == summary.start_step == 0
+                                  or (t.consistency_every and (step + 1) % t.consistency_every == 0)):
+                record["consistency"] = _consistency(ps, batch)
             t2 = time.perf_counter()
-            metrics = _update_rounds(ps, batch, run.rl.update_rounds, t.on_nan, step)
+            if trainable:
+                metrics = _update_rounds(ps, batch, run.rl.update_rounds, t.on_nan, step)
+            else:  # no group with a signal (dynamic sampling found none): no optimizer step, momentum included
+                metrics = {"skipped_rounds": run.rl.update_rounds}
             t3 = time.perf_counter()
             rows, length = batch["tokens"].shape
             record = {"step": step + 1, **record, **metrics, "rollout_s": t1 - t0, "update_s": t3 - t2,
-                      "rollout_tokens_per_s": record["sampled_tokens"] / (t1 - t0),
-                      "update_tokens_per_s": rows * length * run.rl.update_rounds / (t3 - t2)}
+                      "rollout_tokens_per_s": record["sampled_tokens"] / (t1 - t0)}
+            if trainable:
+                record["update_tokens_per_s"] = rows * length * run.rl.update_rounds / (t3 - t2)
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
                 record["eval_pass_rate"] = evaluate()
             if step + 1 == t.steps:
@@ -352,6 +356,16 @@ def _fit(run: RLRunConfig, workdir: str, ckpt: Checkpointer, *, resume: bool, in
     summary.wall_s = time.perf_counter() - t_start
     summary.policy = ps
     return summary
+
+
+def _consistency(ps, batch: dict) -> float | None:
+    """The Pearson correlation of the behaviour log-probs and the update step's of the batch's response tokens
+    (None when they do not vary: a correlation is undefined)."""
+    try:
+        return logprob_agreement(batch["old_logprobs"][:, 1:], np.asarray(ps.logprobs(batch["tokens"])),
+                                 batch["loss_mask"][:, 1:])["correlation"]
+    except ValueError:
+        return None
 
 
 def _shifted(logprobs: np.ndarray) -> np.ndarray:
