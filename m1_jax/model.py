@@ -1,8 +1,8 @@
 """MiniMax-M1 as a Flax NNX module: token ids -> float32 logits.
 
 Embedding (no scaling) -> ``num_periods`` repetitions of the layer period (scanned, parameters
-stacked on a leading ``layers`` axis) -> final RMSNorm -> untied output head (inputs in the compute dtype or
-``head_dtype``, accumulated and returned in float32).
+stacked on a leading ``layers`` axis) -> final RMSNorm -> untied output head (the norm and the head in the
+compute dtype or ``head_dtype``, accumulated and returned in float32).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from m1_jax.cache import Cache, CacheLayers, CacheStep
 from m1_jax.config import LINEAR, M1Config
 from m1_jax.layers.common import param
 from m1_jax.layers.decoder import Period
-from m1_jax.layers.norms import RMSNorm
+from m1_jax.layers.norms import RMSNorm, rms_normalize
 from pallas_kernels.lightning import m1_slopes
 
 
@@ -80,8 +80,8 @@ class M1Model(nnx.Module):
     passed to :func:`pallas_kernels.lightning.lightning_attention`. ``scan_layers=False`` runs the
     stacked periods one by one in Python (same numbers, slower compile).
 
-    ``head_dtype``: the dtype of the output head's matmul inputs (the final norm's output and the head
-    weight); ``None`` is the compute dtype. ``jnp.float32`` runs the head in full float32 (highest matmul
+    ``head_dtype``: the dtype of the final norm and of the output head's matmul inputs (the norm's output and
+    the head weight); ``None`` is the compute dtype. ``jnp.float32`` runs the norm and the head in full float32 (highest matmul
     precision on every backend) on top of a bf16 model, as the MiniMax-M1 report does in RL so that the
     sampler's and the trainer's log-probs agree. The logits are float32 either way.
     """
@@ -113,17 +113,18 @@ class M1Model(nnx.Module):
         return sharding.constrain(x, sharding.HIDDEN)
 
     def logits(self, x: jax.Array) -> jax.Array:
-        """float32 logits of hidden states ``x``: the final norm (compute dtype), then the head in
-        ``head_dtype`` (class docstring)."""
-        z = self.norm(x)
+        """float32 logits of hidden states ``x``: the final norm and the head in the compute dtype, or both in
+        ``head_dtype`` when it is set (class docstring)."""
         if self.head_dtype is None:
+            z = self.norm(x)
             out = jnp.dot(z, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
         else:
             hd = self.head_dtype
+            # The norm too: its output is the head's input, which a compute-dtype norm would round first.
+            z = self.norm.weight[...].astype(hd) * rms_normalize(x.astype(hd), self.norm.eps)
             # float32 in full: TPUs and GPUs would otherwise run float32 matmuls in bf16 / tf32 passes
             precision = jax.lax.Precision.HIGHEST if hd == jnp.float32 else None
-            out = jnp.dot(z.astype(hd), self.lm_head[...].astype(hd), precision=precision,
-                          preferred_element_type=jnp.float32)
+            out = jnp.dot(z, self.lm_head[...].astype(hd), precision=precision, preferred_element_type=jnp.float32)
         return sharding.constrain(out, sharding.LOGITS)
 
     def run_layers(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,

@@ -32,6 +32,14 @@ DEFAULT_PRESET = "rl-demo"
 
 
 @dataclasses.dataclass
+class RLModelSection(ModelSection):
+    """As ``m1 train``'s, with the output head (and the final norm) in float32 as the report's RL: the sampler's
+    and the update's log-probs then agree more closely on a bf16 model (the same as "auto" on a float32 one)."""
+
+    head_dtype: str = "float32"
+
+
+@dataclasses.dataclass
 class RLOptimizerSection(OptimizerSection):
     """AdamW as the report's RL: beta2 0.95, eps 1e-15 (its gradients are tiny), a constant learning rate."""
 
@@ -109,7 +117,7 @@ class WarmupSection:
     examples: int = 20000
 
 
-RL_SECTIONS = {"model": ModelSection, "optimizer": RLOptimizerSection, "prompts": PromptsSection,
+RL_SECTIONS = {"model": RLModelSection, "optimizer": RLOptimizerSection, "prompts": PromptsSection,
                "rollout": RolloutSection, "rl": ObjectiveSection, "train": RLTrainSection, "warmup": WarmupSection}
 
 RL_CHOICES = {
@@ -169,7 +177,7 @@ RL_RESUME_FIXED_FIELDS = ("prompts.source", "prompts.tokenizer", "prompts.system
 
 @dataclasses.dataclass
 class RLRunConfig(SectionedConfig):
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    model: RLModelSection = dataclasses.field(default_factory=RLModelSection)
     optimizer: RLOptimizerSection = dataclasses.field(default_factory=RLOptimizerSection)
     prompts: PromptsSection = dataclasses.field(default_factory=PromptsSection)
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)

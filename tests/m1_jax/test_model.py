@@ -152,25 +152,29 @@ def test_bf16_compute_on_golden(golden_dir):
 
 
 def test_float32_head_on_bf16_compute(tiny_cfg, tiny_ids):
-    """``head_dtype=jnp.float32`` on a bf16 model: the logits are the float32 product of the (bf16) final norm's
-    output with the float32 head weight; the default bf16 head rounds the weight to bf16 first. The layers
-    below the head are the same either way."""
+    """``head_dtype=jnp.float32`` on a bf16 model: the final norm runs in float32 on the last layer's (bf16)
+    output and the logits are its float32 product with the float32 head weight; the default rounds the norm's
+    output and the head weight to bf16 first. The layers below the head are the same either way."""
     models = {hd: m1_jax.init_model(tiny_cfg, seed=3, dtype=jnp.bfloat16, head_dtype=hd)
               for hd in (None, jnp.float32)}
     forward = nnx.jit(lambda m, ids: m.forward(ids, collect=True))
     outs = {hd: forward(m, tiny_ids) for hd, m in models.items()}
     np.testing.assert_array_equal(np.asarray(outs[None].layer_outputs), np.asarray(outs[jnp.float32].layer_outputs))
     model = models[jnp.float32]
-    z = np.asarray(model.norm(outs[jnp.float32].layer_outputs[-1]))  # the final norm, computed in bf16
-    assert z.dtype == jnp.bfloat16
+    x = np.asarray(outs[jnp.float32].layer_outputs[-1]).astype(np.float64)
+    assert outs[jnp.float32].layer_outputs.dtype == jnp.bfloat16
+    weight = np.asarray(model.norm.weight[...]).astype(np.float64)
+    z32 = weight * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + tiny_cfg.rms_norm_eps)
+    z16 = np.asarray(model.norm(outs[None].layer_outputs[-1]))  # the default: the norm computed in bf16
+    assert z16.dtype == jnp.bfloat16
     w = np.asarray(model.lm_head[...])
     assert w.dtype == np.float32
-    fp32_head = z.astype(np.float64) @ w.astype(np.float64)
-    bf16_head = z.astype(np.float64) @ w.astype(jnp.bfloat16).astype(np.float64)
+    fp32_head = z32 @ w.astype(np.float64)
+    bf16_head = z16.astype(np.float64) @ w.astype(jnp.bfloat16).astype(np.float64)
     got = {hd: np.asarray(o.logits) for hd, o in outs.items()}
     assert got[jnp.float32].dtype == got[None].dtype == np.float32
-    # float32 sums of 64 products against float64: measured 9e-7; the bf16 weight moves the logits by up to 6e-3
-    # (logits up to 3.2)
+    # float32 sums of 64 products against float64: measured 9e-7; the bf16 rounding moves the logits by up to
+    # ~1e-2 (logits up to 3.2)
     np.testing.assert_allclose(got[jnp.float32], fp32_head, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got[None], bf16_head, rtol=0, atol=1e-5)
     assert np.abs(got[None] - got[jnp.float32]).max() > 1e-4

@@ -22,7 +22,7 @@ def test_defaults_are_the_reports():
     run = RLRunConfig()
     run.validate()
     assert (run.rl.objective, run.rl.kl_coef, run.optimizer.b2, run.optimizer.eps) == ("cispo", 0.0, 0.95, 1e-15)
-    assert run.rollout.repetition_stop == 3000
+    assert run.rollout.repetition_stop == 3000 and run.model.head_dtype == "float32"
     assert run.objective_options() == {}
 
 
