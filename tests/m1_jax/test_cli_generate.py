@@ -107,7 +107,7 @@ def test_chat_prompts_on_a_terminal_and_says_it_compiles(golden_dir, monkeypatch
     assert code == 0 and out == ""
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "train"])
+@pytest.mark.parametrize("command", ["generate", "chat", "train", "rl"])
 def test_every_option_has_help(command):
     parser = argparse.ArgumentParser()
     importlib.import_module(f"m1_jax.commands.{command}").add_arguments(parser)
