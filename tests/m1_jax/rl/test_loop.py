@@ -157,3 +157,19 @@ def test_scorer_threads_give_the_same_scores_in_order(finished):
     run.set("rollout.reward_workers", 4)
     np.testing.assert_array_equal(Scorer(run, tok).scores(responses, records), serial)
     assert serial[-1] == 1.0 and set(serial[:-1]) == {0.0, 1.0}
+
+
+def test_steps_without_any_signal_leave_the_policy_as_it_was(finished, tmp_path):
+    run = copy.deepcopy(finished[1])
+    (tmp_path / "zero.py").write_text("def score(response, record):\n    return 0.0\n")
+    run.set("rollout.reward", f"{tmp_path / 'zero.py'}:score")
+    run.set("rollout.dynamic_sampling", "on")
+    run.set("train.steps", 2)
+    run.set("prompts.eval_size", 0)
+    s = fit_rl(run, str(tmp_path / "work"), progress=False)
+    for r in s.records:
+        assert r["groups_kept"] == 0 and r["rollouts"] == run.rollout.max_rollouts
+        assert r["skipped_rounds"] == run.rl.update_rounds and "loss" not in r and "consistency" not in r
+    start = {"/".join(map(str, k)): np.asarray(v)
+             for k, v in nnx.to_flat_state(nnx.state(init_model(resolve_config("tiny"), seed=0), nnx.Param))}
+    assert all(np.array_equal(start[k], v) for k, v in _params(s).items())
