@@ -18,6 +18,8 @@ import pytest
 from flax import nnx
 
 from m1_jax.checkpoint import CheckpointError
+from m1_jax.config import FULL, LINEAR
+from m1_jax.presets import resolve_config
 from m1_jax.run_config import RunConfig
 from m1_jax.train_loop import fit
 
@@ -33,11 +35,14 @@ def text_corpus(root: Path) -> Path:
     for i in range(12):
         n = int(rng.integers(5, 60))
         (d / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, n)) + "\n")
+    # beside the corpus: tiny_run's model (subprocesses import this module without the tests' helpers)
+    resolve_config("tiny").replace(layer_types=[LINEAR, FULL], num_hidden_layers=2).to_json(root / "model.json")
     return d
 
 
 def tiny_run(corpus: Path, steps: int, mesh: str = "data=2,fsdp=2,expert=2,tensor=1") -> RunConfig:
     run = RunConfig()
+    run.model.config = str(corpus.parent / "model.json")  # the tiny preset with one layer of each kind
     run.data.source, run.data.seq_len, run.data.batch_size = str(corpus), 32, 8
     run.train.steps, run.train.mesh, run.train.checkpoint_every = steps, mesh, 2
     run.train.fast_compile, run.train.sample_tokens = True, 0

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from m1_jax.config import ConfigError, M1Config, m1_layer_types
+from m1_jax.presets import RUN_CONFIG_PREFIXES, preset_names
 
 LAYER_NAMES = {0: "linear_attention", 1: "full_attention"}
 ORIG_TO_NATIVE = {
@@ -71,9 +72,10 @@ def test_to_dict_round_trips(cfg, tmp_path):
 def test_presets_read(configs_dir):
     m1 = M1Config.from_json(configs_dir / "minimax-m1-40k.json")
     assert m1.layer_types == m1_layer_types(80) and m1.rotary_dim == 64 and m1.block_size == 256
-    for path in configs_dir.glob("*.json"):
-        if not path.stem.startswith("train"):
-            M1Config.from_json(path)
+    names = preset_names()
+    assert "tiny" in names and not any(n.startswith(RUN_CONFIG_PREFIXES) for n in names)
+    for name in names:
+        M1Config.from_json(configs_dir / f"{name}.json")
 
 
 def _err(d, tmp_path):

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from cli_runner import run_cli
 from flax import nnx
+from tiny_models import tiny_config
 
 from m1_jax import distributed
+from m1_jax.config import FULL, LINEAR
 from m1_jax.model import init_model
-from m1_jax.presets import resolve_config
 from m1_jax.rl.config import RLRunConfig
 from m1_jax.rl.data import PromptStream, Records
 from m1_jax.rl.loop import Sampler, Scorer, fit_rl
@@ -26,6 +27,7 @@ def score(response, record):
     return float(sum(map(ord, response)) % 2)
 '''
 STEPS = 3
+MODEL = tiny_config(layer_types=[LINEAR, FULL])  # one lightning and one softmax layer: half the tiny's compile
 
 
 def _run(tmp_path) -> RLRunConfig:
@@ -33,8 +35,9 @@ def _run(tmp_path) -> RLRunConfig:
     prompts.write_text("".join(json.dumps({"prompt": f"question {i}", "kind": "constant" if i % 3 == 0 else "parity"})
                                + "\n" for i in range(12)))
     (tmp_path / "reward.py").write_text(REWARD)
+    MODEL.to_json(tmp_path / "config.json")
     run = RLRunConfig()
-    run.update({"model": {"config": "tiny"},
+    run.update({"model": {"config": str(tmp_path / "config.json")},
                 "optimizer": {"lr": 1e-3},
                 "prompts": {"source": str(prompts), "eval_source": str(prompts), "eval_size": 6, "batch_size": 4},
                 "rollout": {"group_size": 2, "max_new_tokens": 4, "max_prompt_tokens": 64,
@@ -95,7 +98,7 @@ def test_dynamic_sampling_drops_constant_groups_and_pads_the_rest(finished):
     tok = ByteTokenizer(512)
     stream = PromptStream(Records(run.prompts.source), tok, shuffle=False)
     sampler = Sampler(run, stream, Scorer(run, tok))
-    batch, m = sampler.step(init_model(resolve_config("tiny"), seed=0), 0)
+    batch, m = sampler.step(init_model(MODEL, seed=0), 0)
     assert m["rollouts"] == 2  # prompts 0, 3, 6 always score 1: never 4 informative groups in one batch
     G, P = 2, 4
     kept = m["groups_kept"]
@@ -171,5 +174,5 @@ def test_steps_without_any_signal_leave_the_policy_as_it_was(finished, tmp_path)
         assert r["groups_kept"] == 0 and r["rollouts"] == run.rollout.max_rollouts
         assert r["skipped_rounds"] == run.rl.update_rounds and "loss" not in r and "consistency" not in r
     start = {"/".join(map(str, k)): np.asarray(v)
-             for k, v in nnx.to_flat_state(nnx.state(init_model(resolve_config("tiny"), seed=0), nnx.Param))}
+             for k, v in nnx.to_flat_state(nnx.state(init_model(MODEL, seed=0), nnx.Param))}
     assert all(np.array_equal(start[k], v) for k, v in _params(s).items())

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import tiny_config
 
 from m1_jax import sharding
+from m1_jax.config import FULL, LINEAR
 from m1_jax.model import init_model
-from m1_jax.presets import resolve_config
 from m1_jax.rl import rollout as rl
 from m1_jax.rl import update
 from m1_jax.train import FAST_COMPILE
@@ -20,7 +21,7 @@ G, NEW = 2, 6
 
 @pytest.fixture(scope="module")
 def model():
-    return init_model(resolve_config("tiny"), seed=0)
+    return init_model(tiny_config(layer_types=[LINEAR, FULL]), seed=0)  # one layer of each kind
 
 
 @pytest.fixture(scope="module")
