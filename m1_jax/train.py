@@ -241,7 +241,27 @@ def placed_state(model: M1Model, tx: optax.GradientTransformation, mesh: Mesh):
     return graphdef, jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), state, shardings), shardings
 
 
-class TrainState:
+class PlacedModelState:
+    """What a model-and-optimizer state placed on a mesh offers (``graphdef``, ``state``, ``state_shardings``
+    set by the subclass): :class:`TrainState` and :class:`m1_jax.rl.update.PolicyState`."""
+
+    graphdef: nnx.GraphDef
+    state: Any
+    state_shardings: Any
+
+    def abstract_state(self):
+        """ShapeDtypeStructs with this mesh's shardings (a checkpoint's restore target)."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.state, self.state_shardings)
+
+    def model(self) -> M1Model:
+        return nnx.merge(self.graphdef, self.state)[0]
+
+    def params(self):
+        return nnx.state(self.model(), nnx.Param)
+
+
+class TrainState(PlacedModelState):
     """The model + optimizer placed on a mesh, and the compiled train step.
 
     ``model`` is an :class:`M1Model` (random or pretrained, float32 master weights; it is copied, not
@@ -273,16 +293,6 @@ class TrainState:
         self.state, metrics = self._step(self.state, batch)
         return metrics
 
-    def abstract_state(self):
-        """ShapeDtypeStructs with this mesh's shardings (the restore target)."""
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            self.state, self.state_shardings)
-
-    def model(self) -> M1Model:
-        return nnx.merge(self.graphdef, self.state)[0]
-
-    def params(self):
-        return nnx.state(self.model(), nnx.Param)
 
 
 def step_setup(cfg: M1Config, run) -> tuple[optax.GradientTransformation, StepOptions, optax.Schedule]:

@@ -158,25 +158,33 @@ def fit(run: RunConfig, workdir: str, *, resume: bool = False, init_from: str | 
         progress: bool = True, mesh=None) -> Summary:
     """Trains ``run.train.steps`` steps (continuing from the newest checkpoint that restores with
     ``resume``), holding the workdir's lock throughout."""
+    with run_workdir(workdir, run.train, resume=resume) as (ckpt, latest):
+        return _train(run, workdir, ckpt, latest, init_from=init_from, progress=progress, mesh=mesh)
+
+
+@contextlib.contextmanager
+def run_workdir(workdir: str, t, *, resume: bool, command: str = "m1 train"):
+    """The workdir of one run (``t``: the run config's train section), locked for the run (process 0), with its
+    :class:`Checkpointer` and newest checkpoint step: ``(ckpt, latest)``. A workdir holding checkpoints needs
+    ``resume``; ``resume`` needs the workdir."""
     if resume and not os.path.isdir(workdir):
         raise WorkdirError(f"--resume: {workdir} does not exist, so there is no run to continue; check the path, "
                            "or leave out --resume to start a new run")
     os.makedirs(workdir, exist_ok=True)
-    t = run.train
-    with (WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(),
+    with (WorkdirLock(workdir, command) if jax.process_index() == 0 else contextlib.nullcontext(),
           contextlib.closing(Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every,
                                           max_to_keep=t.max_to_keep, async_save=t.async_checkpointing)) as ckpt):
-        return _train(run, workdir, ckpt, resume=resume, init_from=init_from, progress=progress, mesh=mesh)
+        latest = ckpt.latest_step()
+        if latest is not None and not resume:
+            raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
+                                  "--resume to continue that run, or another --workdir")
+        if latest is None and resume:
+            log.warning("--resume: %s holds no checkpoint; starting from step 0", ckpt.directory)
+        yield ckpt, latest
 
 
-def _train(run: RunConfig, workdir: str, ckpt: Checkpointer, *, resume: bool, init_from: str | None,
+def _train(run: RunConfig, workdir: str, ckpt: Checkpointer, latest: int | None, *, init_from: str | None,
            progress: bool, mesh) -> Summary:
-    latest = ckpt.latest_step()
-    if latest is not None and not resume:
-        raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
-                              "to continue that run, or another --workdir")
-    if latest is None and resume:
-        log.warning("--resume: %s holds no checkpoint; starting from step 0", ckpt.directory)
     cfg = load_model_config(run, init_from)
     batches = make_batches(run.data, vocab_size=cfg.vocab_size)  # before the model: data errors come first
     mesh = sharding.as_mesh(mesh or run.train.mesh)

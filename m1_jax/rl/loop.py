@@ -22,12 +22,10 @@ position and the step; ``--resume`` continues exactly.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from m1_jax import sharding, train
-from m1_jax.checkpoint import Checkpointer, CheckpointError
+from m1_jax.checkpoint import Checkpointer
 from m1_jax.data import get_tokenizer
 from m1_jax.generation import generate
 from m1_jax.loading import from_pretrained
@@ -52,7 +50,7 @@ from m1_jax.rl.rollout_filters import informative_groups, repetition_stop
 from m1_jax.rl.tasks import TASK_PREFIX
 from m1_jax.rl.update import UpdateOptions, build_policy_state
 from m1_jax.rl.warmup import warm_up
-from m1_jax.train_loop import TrainingError, WorkdirError, WorkdirLock, check_resumable, metrics_file
+from m1_jax.train_loop import TrainingError, check_resumable, metrics_file, run_workdir
 
 log = logging.getLogger(__name__)
 
@@ -248,25 +246,12 @@ def fit_rl(run: RLRunConfig, workdir: str, *, resume: bool = False, init_from: s
            progress: bool = True, mesh=None) -> RLSummary:
     """Runs ``run.train.steps`` RL steps (continuing from the newest checkpoint with ``resume``), holding the
     workdir's lock throughout."""
-    if resume and not os.path.isdir(workdir):
-        raise WorkdirError(f"--resume: {workdir} does not exist, so there is no run to continue; check the path, "
-                           "or leave out --resume to start a new run")
-    os.makedirs(workdir, exist_ok=True)
-    t = run.train
-    with (WorkdirLock(workdir, "m1 rl") if jax.process_index() == 0 else contextlib.nullcontext(),
-          contextlib.closing(Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every,
-                                          max_to_keep=t.max_to_keep, async_save=t.async_checkpointing)) as ckpt):
-        return _fit(run, workdir, ckpt, resume=resume, init_from=init_from, progress=progress, mesh=mesh)
+    with run_workdir(workdir, run.train, resume=resume, command="m1 rl") as (ckpt, latest):
+        return _fit(run, workdir, ckpt, latest, init_from=init_from, progress=progress, mesh=mesh)
 
 
-def _fit(run: RLRunConfig, workdir: str, ckpt: Checkpointer, *, resume: bool, init_from: str | None,
+def _fit(run: RLRunConfig, workdir: str, ckpt: Checkpointer, latest: int | None, *, init_from: str | None,
          progress: bool, mesh) -> RLSummary:
-    latest = ckpt.latest_step()
-    if latest is not None and not resume:
-        raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass --resume "
-                              "to continue that run, or another --workdir")
-    if latest is None and resume:
-        log.warning("--resume: %s holds no checkpoint; starting from step 0", ckpt.directory)
     t, p = run.train, run.prompts
     objective_options = run.objective_options()  # errors in the config before any work
     # The data and the reward first: their errors come before any model is built.

@@ -37,7 +37,8 @@ from m1_jax.model import M1Model
 from m1_jax.rl.logprobs import token_entropy, token_logprobs
 from m1_jax.rl.objectives import make_objective
 from m1_jax.run_config import OptimizerSection
-from m1_jax.train import accumulate_grads, jit_step, learning_rate_schedule, make_optimizer, placed_state, update_if
+from m1_jax.train import (PlacedModelState, accumulate_grads, jit_step, learning_rate_schedule, make_optimizer,
+                          placed_state, update_if)
 
 UPDATE_KEYS = ("tokens", "loss_mask", "old_logprobs", "advantages", "ref_logprobs")
 
@@ -111,7 +112,7 @@ class UpdateOptions:
     remat: str = "none"
 
 
-class PolicyState:
+class PolicyState(PlacedModelState):
     """The policy being trained: ``model`` (copied, not changed) and its optimizer ``tx`` placed on ``mesh``
     (:func:`m1_jax.sharding.make_mesh`; one device is a mesh too), and the compiled update step."""
 
@@ -160,16 +161,6 @@ class PolicyState:
         tokens = jax.device_put(jnp.asarray(tokens, jnp.int32), self.batch_shardings["tokens"])
         return self._logprobs(self.state, tokens)
 
-    def abstract_state(self):
-        """ShapeDtypeStructs with this mesh's shardings (a checkpoint's restore target)."""
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            self.state, self.state_shardings)
-
-    def model(self) -> M1Model:
-        return nnx.merge(self.graphdef, self.state)[0]
-
-    def params(self):
-        return nnx.state(self.model(), nnx.Param)
 
 
 def build_policy_state(model: M1Model, mesh: Mesh, opts: UpdateOptions, *, optimizer: OptimizerSection | None = None,
