@@ -183,6 +183,16 @@ def run_workdir(workdir: str, t, *, resume: bool, command: str = "m1 train"):
         yield ckpt, latest
 
 
+def save_last(ckpt: Checkpointer, step: int, saved: int | None, state, data_state: dict, meta: dict) -> int | None:
+    """Saves ``step`` unless it was the last step saved (``saved``) or no step ran, waits for the writes, and
+    returns the last step saved."""
+    if step and saved != step:
+        ckpt.save(step, state, data_state, meta, force=True)
+        saved = step
+    ckpt.wait()
+    return saved
+
+
 def _train(run: RunConfig, workdir: str, ckpt: Checkpointer, latest: int | None, *, init_from: str | None,
            progress: bool, mesh) -> Summary:
     cfg = load_model_config(run, init_from)
@@ -236,10 +246,8 @@ def _train(run: RunConfig, workdir: str, ckpt: Checkpointer, latest: int | None,
             if ckpt.save(step + 1, ts.state, batches.get_state(), meta):
                 summary.checkpoint_step = step + 1
             summary.steps = step + 1
-        if summary.steps and summary.checkpoint_step != summary.steps:
-            ckpt.save(summary.steps, ts.state, batches.get_state(), meta, force=True)
-            summary.checkpoint_step = summary.steps
-        ckpt.wait()
+        summary.checkpoint_step = save_last(ckpt, summary.steps, summary.checkpoint_step, ts.state,
+                                            batches.get_state(), meta)
     finally:
         bar.close()
         if metrics_f is not None:

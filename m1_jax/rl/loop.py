@@ -50,7 +50,7 @@ from m1_jax.rl.rollout_filters import informative_groups, repetition_stop
 from m1_jax.rl.tasks import TASK_PREFIX
 from m1_jax.rl.update import UpdateOptions, build_policy_state
 from m1_jax.rl.warmup import warm_up
-from m1_jax.train_loop import TrainingError, check_resumable, metrics_file, run_workdir
+from m1_jax.train_loop import TrainingError, check_resumable, metrics_file, run_workdir, save_last
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +330,8 @@ def _fit(run: RLRunConfig, workdir: str, ckpt: Checkpointer, latest: int | None,
             if ckpt.save(step + 1, ps.state, {"prompts": stream.get_state()}, meta):
                 summary.checkpoint_step = step + 1
             summary.steps = step + 1
-        if summary.steps and summary.checkpoint_step != summary.steps:
-            ckpt.save(summary.steps, ps.state, {"prompts": stream.get_state()}, meta, force=True)
-            summary.checkpoint_step = summary.steps
-        ckpt.wait()
+        summary.checkpoint_step = save_last(ckpt, summary.steps, summary.checkpoint_step, ps.state,
+                                            {"prompts": stream.get_state()}, meta)
     finally:
         bar.close()
         if metrics_f is not None:
