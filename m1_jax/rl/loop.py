@@ -142,7 +142,7 @@ class Sampler:
 
     def step(self, model: M1Model, step: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         ro, P, G = self.run.rollout, self.run.prompts.batch_size, self.run.rollout.group_size
-        kept: list[tuple[Rollout, np.ndarray, np.ndarray]] = []  # (rows of one group, rewards, raw rewards)
+        kept: list[tuple[Rollout, np.ndarray]] = []  # (rows of one group, their rewards)
         all_raw, lengths, cuts, attempts, tokens, width = [], [], 0, 0, 0, 0
         while attempts < (ro.max_rollouts if self.dynamic else 1) and len(kept) < P:
             batch = self.stream.batch(P)
@@ -166,7 +166,7 @@ class Sampler:
             keep = informative_groups(rewards.reshape(P, G)) if self.dynamic else np.ones(P, bool)
             for g in np.flatnonzero(keep)[: P - len(kept)]:
                 rows = slice(g * G, (g + 1) * G)
-                kept.append((_rows(r, rows), rewards[rows], raw[rows]))
+                kept.append((_rows(r, rows), rewards[rows]))
         missing = P - len(kept)
         batch = None
         if kept:

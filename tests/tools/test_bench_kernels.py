@@ -1,20 +1,10 @@
 """``tools/bench_moe.py`` and ``tools/bench_attention.py`` run end to end on tiny shapes and print their tables
 (every form timed, the old and new attention paths in agreement)."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
-
-TOOLS = Path(__file__).parents[2] / "tools"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tool_loader import load_tool
 
 
 def _table(text: str) -> list[list[str]]:
@@ -23,7 +13,7 @@ def _table(text: str) -> list[list[str]]:
 
 
 def test_bench_moe_times_every_form(capsys):
-    assert _load("bench_moe").main(["--tokens", "64", "--experts", "4", "--hidden", "32", "--width", "16",
+    assert load_tool("bench_moe").main(["--tokens", "64", "--experts", "4", "--hidden", "32", "--width", "16",
                                     "--repeats", "1", "--backward"]) == 0
     rows = _table(capsys.readouterr().out)
     forms = [r[2] for r in rows]
@@ -37,11 +27,11 @@ def test_bench_moe_times_every_form(capsys):
 
 def test_bench_moe_rejects_bad_flags():
     with pytest.raises(SystemExit):
-        _load("bench_moe").main(["--experts", "1"])
+        load_tool("bench_moe").main(["--experts", "1"])
 
 
 def test_bench_attention_old_and_new_agree(capsys):
-    _load("bench_attention").main(["--tokens", "40", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+    load_tool("bench_attention").main(["--tokens", "40", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
                                    "--decode-caches", "64", "--repeats", "1"])
     rows = _table(capsys.readouterr().out)
     assert [r[0] for r in rows] == ["causal fwd", "causal fwd+bwd", "cache prefill (40 slots)",
@@ -54,7 +44,7 @@ def test_bench_attention_old_and_new_agree(capsys):
 def test_bench_generate_runs_past_the_presets_positions(tmp_path, capsys):
     """Contexts longer than the preset's max_position_embeddings (4,096 for tiny) still run."""
     out = tmp_path / "gen.json"
-    _load("bench_generate").main(["--contexts", "4100", "--new-tokens", "2", "--repeats", "1", "--out", str(out)])
+    load_tool("bench_generate").main(["--contexts", "4100", "--new-tokens", "2", "--repeats", "1", "--out", str(out)])
     import json
 
     rows = json.loads(out.read_text())["rows"]

@@ -1,20 +1,10 @@
 """``tools/bench_rl.py`` end to end on the tiny preset with the smallest sizes: one table row with every
 response run to its length, positive timings and throughputs, and a split that sums to the step."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-TOOLS = Path(__file__).parents[2] / "tools"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("bench_rl", TOOLS / "bench_rl.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tool_loader import load_tool
 
 
 def _table(text: str) -> list[list[str]]:
@@ -24,7 +14,7 @@ def _table(text: str) -> list[list[str]]:
 
 def test_bench_rl_times_one_step(tmp_path, capsys):
     out = tmp_path / "rl.json"
-    tool = _tool()
+    tool = load_tool("bench_rl")
     assert tool.main(["--configs", "tiny", "--prompts", "1", "--group-size", "2", "--prompt-len", "3",
                       "--max-new-tokens", "2", "--rounds", "2", "--repeats", "1", "--out", str(out)]) == 0
     header, *rows = _table(capsys.readouterr().out)
@@ -52,5 +42,5 @@ def test_bench_rl_times_one_step(tmp_path, capsys):
 ])
 def test_bench_rl_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
-        _tool().main(argv)
+        load_tool("bench_rl").main(argv)
     assert message in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """``tools/bench_vs_transformers.py --smoke``: the side-by-side benchmark runs end to end on a tiny config,
 its two models agree, and a disagreement stops it before anything is timed."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tool_loader import load_tool
 
 pytest.importorskip("torch", reason="the benchmark compares against PyTorch")
 transformers = pytest.importorskip("transformers", reason="the benchmark compares against transformers")
@@ -44,9 +44,7 @@ def test_smoke_run_writes_four_agreeing_rows(tmp_path):
 
 
 def test_greedy_disagreement_stops_before_timing(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("bench_vs_transformers", TOOL)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench_vs_transformers")
     real = bench.m1_jax.generate
     monkeypatch.setattr(bench.m1_jax, "generate", lambda *a, **kw: (real(*a, **kw) + 1) % 512)
     out = tmp_path / "bench.json"

@@ -1,19 +1,9 @@
 """``tools/rl_compare.py``: its flags, the table of pass rates over seeds, and the PNG (the runs themselves are
 ``m1_jax.rl.loop.fit_rl``, tested in tests/m1_jax/rl/test_loop.py)."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-TOOLS = Path(__file__).parents[2] / "tools"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("rl_compare", TOOLS / "rl_compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tool_loader import load_tool
 
 
 def _run(seed, values, clip=0.1, rollouts=1.0):
@@ -26,7 +16,7 @@ RUNS = {"cispo": [_run(0, [0.1, 0.5], 0.2), _run(1, [0.1, 0.3], 0.4)],
 
 
 def test_table_gives_mean_and_range_over_seeds():
-    lines = _tool().table(RUNS).splitlines()
+    lines = load_tool("rl_compare").table(RUNS).splitlines()
     assert lines[0] == "| objective | step 0 | step 10 | clipped (mean) | rollouts per step |"
     assert lines[2] == "| cispo | 10.0 [10.0, 10.0] | 40.0 [30.0, 50.0] | 0.300 | 1.00 |"
     assert lines[3] == "| dapo | 10.0 [10.0, 10.0] | 30.0 [20.0, 40.0] | 0.050 | 2.50 |"
@@ -34,7 +24,7 @@ def test_table_gives_mean_and_range_over_seeds():
 
 def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "p.png"
-    _tool().plot(RUNS, str(path), "title")
+    load_tool("rl_compare").plot(RUNS, str(path), "title")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -45,5 +35,5 @@ def test_plot_writes_a_png(tmp_path):
 ])
 def test_flag_errors(capsys, argv, match):
     with pytest.raises(SystemExit):
-        _tool().parse_args(["--out", "x", *argv])
+        load_tool("rl_compare").parse_args(["--out", "x", *argv])
     assert match in capsys.readouterr().err

@@ -1,25 +1,15 @@
 """``tools/rl_consistency.py`` end to end on the small golden checkpoint: one row per (compute, head) dtype pair,
 every sampled token counted, the float32 paths in agreement."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-TOOLS = Path(__file__).parents[2] / "tools"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("rl_consistency", TOOLS / "rl_consistency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tool_loader import load_tool
 
 
 def test_rl_consistency_table(golden_dir, tmp_path, capsys):
     out = tmp_path / "rl.json"
-    tool = _tool()
+    tool = load_tool("rl_consistency")
     # the float32 case and one bf16 case: each case compiles its own model (the bf16 head is the other's twin)
     assert tool.main(["--init-from", str(golden_dir), "--prompts", "2", "--group-size", "2", "--max-new-tokens",
                       "12", "--out", str(out), "--cases", "bfloat16/float32,float32/float32"]) == 0
@@ -43,5 +33,5 @@ def test_rl_consistency_table(golden_dir, tmp_path, capsys):
 ])
 def test_rl_consistency_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
-        _tool().main(argv)
+        load_tool("rl_consistency").main(argv)
     assert message in capsys.readouterr().err
