@@ -102,6 +102,11 @@ def case(tokens: int, experts: int, hidden: int, width: int, repeats: int, backw
     return out
 
 
+def _figure(v: float) -> str:
+    """Three significant figures below 100 (tiny shapes run in microseconds), one decimal above."""
+    return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096], help="tokens per case (default 4096)")
@@ -127,7 +132,8 @@ def main(argv=None) -> int:
             ref = {False: rows[0][2], True: next((r[2] for r in rows if r[0] == "fwd+bwd: batched einsum"), None)}
             for name, t, gflops in rows:
                 base = ref[name.startswith("fwd+bwd")]
-                print(f"| {tokens:,} | {experts} | {name} | {t * 1e3:.1f} | {gflops:.1f} | {gflops / base:.2f}x |")
+                print(f"| {tokens:,} | {experts} | {name} | {_figure(t * 1e3)} | {_figure(gflops)} | "
+                      f"{gflops / base:.2f}x |")
     return 0
 
 
