@@ -8,7 +8,7 @@ from jax.typing import ArrayLike
 
 from pallas_kernels.lightning.chunked import lightning_chunked
 from pallas_kernels.lightning.reference import lightning_reference
-from pallas_kernels.platform import targeting_tpu
+from pallas_kernels.platform import targeting_gpu, targeting_tpu
 
 __all__ = ["IMPLS", "lightning_attention", "resolve_impl"]
 
@@ -16,11 +16,11 @@ IMPLS = ("auto", "reference", "xla", "pallas")
 
 
 def resolve_impl(impl: str) -> str:
-    """What impl="auto" runs: Pallas kernels on TPU, the chunked XLA path elsewhere."""
+    """What impl="auto" runs: Pallas kernels on TPU and GPU, the chunked XLA path elsewhere."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if targeting_tpu() else "xla"
+        return "pallas" if targeting_tpu() or targeting_gpu() else "xla"
     return impl
 
 
@@ -77,10 +77,12 @@ def lightning_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, slopes: ArrayL
         leaves the real tokens' results as without it. The state resets to zero at
         a real token whose id differs from the previous real token's id;
         initial_state flows into the segment of the first real token.
-      block_size: chunk length of the chunked paths (time need not be a multiple).
-      impl: "auto" (Pallas on TPU or inside `pallas_kernels.platform.tpu_target()`, else "xla"),
-        "reference" (token recurrence), "xla" (chunked, autodiff), "pallas"
-        (Mosaic kernels, interpret mode off TPU).
+      block_size: chunk length of the chunked paths (time need not be a multiple). The GPU kernels
+        round it down to a power of two in [16, 64] (`pallas_gpu.gpu_chunk`).
+      impl: "auto" (Pallas on TPU and GPU, or inside `pallas_kernels.platform.tpu_target()` /
+        `gpu_target()`, else "xla"), "reference" (token recurrence), "xla" (chunked, autodiff),
+        "pallas" (the Mosaic TPU kernels on TPU, the Triton GPU kernels on GPU; off both, the TPU
+        kernels in interpret mode).
 
     Returns:
       (o [batch, time, heads, d_v] in q's dtype, final_state float32
@@ -106,6 +108,11 @@ def lightning_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, slopes: ArrayL
         o, state = lightning_reference(q, k, v, slopes, initial_state, segment_ids)
     elif impl == "xla":
         o, state = lightning_chunked(q, k, v, slopes, initial_state, segment_ids, block_size)
+    elif targeting_gpu():
+        # Imported on first use, as the TPU kernels below: the XLA paths never load Pallas.
+        from pallas_kernels.lightning.pallas_gpu import lightning_pallas_gpu
+
+        o, state = lightning_pallas_gpu(q, k, v, slopes, initial_state, segment_ids, block_size, interpret=False)
     else:
         # Imported on first use: loading Pallas' TPU modules costs ~0.4 s that the XLA paths never need.
         from pallas_kernels.lightning.pallas_tpu import lightning_pallas

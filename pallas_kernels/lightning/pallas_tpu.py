@@ -2,7 +2,7 @@
 
 Grid (batch, head tiles, chunks); the chunk axis is sequential ("arbitrary") and
 carries the float32 state [head_tile, d_k, d_v] in VMEM scratch. Per chunk of C
-tokens and head (slope s, read from SMEM), with the decay terms of chunked.py
+tokens and head (slope s, read from SMEM), with the decay terms of chunk_decays.py
 (M, a, g, c from the per-token positions/runs of segments.py):
 
   forward:   O  = ((Q K^T) * M) V + a * (Q S)        S <- g S + (c * K)^T V
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.lightning.chunk_decays import chunk_decays, chunk_masks
 from pallas_kernels.lightning.segments import block_positions
 
 __all__ = ["lightning_pallas", "vmem_estimate"]
@@ -100,32 +101,6 @@ def _set_head(ref, j, cfg, dim, val):
         ref[j] = val.astype(ref.dtype)
 
 
-def _chunk_masks(pr_ref, rr_ref, pc_ref, rc_ref, c_len):
-    """Head-independent masks and distances of one chunk (see chunked.py)."""
-    p_row, r_row = pr_ref[...], rr_ref[...]  # (1, C)
-    p_col, r_col = pc_ref[...], rc_ref[...]  # (C, 1)
-    row = jax.lax.broadcasted_iota(jnp.int32, (c_len, c_len), 0)  # target j
-    col = jax.lax.broadcasted_iota(jnp.int32, (c_len, c_len), 1)  # source i
-    valid = (row >= col) & (r_col == r_row) & (r_row >= 0.0)
-    dist = jnp.where(valid, p_col - p_row, 0.0)
-    into = r_col == 0.0
-    a_dist = jnp.where(into, p_col, 0.0)
-    pm = jnp.max(p_row, axis=1, keepdims=True)  # (1, 1)
-    rm = jnp.max(r_row, axis=1, keepdims=True)
-    last = (r_col == rm) & (r_col >= 0.0)
-    c_dist = jnp.where(last, pm - p_col, 0.0)
-    return valid, dist, into, a_dist, pm, rm <= 0.0, last, c_dist
-
-
-def _decays(s, masks):
-    valid, dist, into, a_dist, pm, carry, last, c_dist = masks
-    m = jnp.where(valid, jnp.exp(-s * dist), 0.0)
-    a = jnp.where(into, jnp.exp(-s * a_dist), 0.0)
-    g = jnp.where(carry, jnp.exp(-s * pm), 0.0)
-    c = jnp.where(last, jnp.exp(-s * c_dist), 0.0)
-    return m, a, g, c
-
-
 # ----------------------------------------------------------------------------
 # kernels
 
@@ -148,10 +123,10 @@ def _carry_out(dst, scr):
 
 def _heads(cfg: _Cfg, slopes_ref, pos_refs, q_ref, k_ref):
     """Per head ``j`` of this grid step's head tile: (j, decays (m, a, g, c), q, k) of the chunk."""
-    masks = _chunk_masks(*pos_refs, cfg.block)
+    masks = chunk_masks(*(ref[...] for ref in pos_refs))
     hb = pl.program_id(1)
     for j in range(cfg.head_tile):
-        decays = _decays(slopes_ref[hb * cfg.head_tile + j], masks)
+        decays = chunk_decays(slopes_ref[hb * cfg.head_tile + j], masks)
         yield j, decays, _head(q_ref, j, cfg, cfg.dk), _head(k_ref, j, cfg, cfg.dk)
 
 

@@ -32,7 +32,7 @@ def test_validation_errors():
 
 
 def test_auto_dispatch():
-    want = "pallas" if jax.default_backend() == "tpu" else "xla"
+    want = "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
     assert resolve_impl("auto") == want
     with tpu_target():
         assert resolve_impl("auto") == "pallas"
