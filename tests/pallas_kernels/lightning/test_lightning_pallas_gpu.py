@@ -71,7 +71,7 @@ def test_state_tiles_and_padded_head_dims(lt):
         assert lt.rel_err(a, r) < 1e-5, name
 
 
-def test_decode_kernel_matches_xla_step(lt):
+def test_decode_kernel_matches_jnp_step(lt):
     b, h, dk, dv = 3, 4, 8, 12  # d_v padded to 16, two tiles of 8 columns
     q, k, _, s0, _, _ = lt.make_inputs(44, b, 1, h, dk, dv=dv)
     v = jnp.asarray(np.random.default_rng(45).uniform(-1, 1, (b, h, dv)), jnp.float32)
