@@ -25,6 +25,7 @@ COMMANDS = {
     "chat": ("m1_jax.commands.chat", "interactive chat in M1's template, with tools"),
     "train": ("m1_jax.commands.train", "train or fine-tune (default: a tiny hybrid M1 on the Python stdlib's source)"),
     "rl": ("m1_jax.commands.rl", "reinforcement learning with verifiable rewards: CISPO (or GRPO, DAPO) on rollouts"),
+    "serve": ("m1_jax.commands.serve", "an OpenAI-compatible server: continuous batching, exact prefix cache, tools"),
     "aot": ("m1_jax.commands.aot", "compile for a TPU topology on this host: per-device memory, HBM fit, FLOPs"),
     "flops": ("m1_jax.commands.flops", "inference FLOPs vs generation length: M1 against a DeepSeek-R1-shaped model"),
 }

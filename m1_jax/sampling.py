@@ -64,15 +64,20 @@ class SamplingParams:
         return (jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p))
 
 
-def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Sets to -inf what top-k (0 = off) and top-p (1 = off) exclude; [batch, vocab] float32."""
-    V = logits.shape[-1]
+def filter_logits(logits: jax.Array, top_k, top_p) -> jax.Array:
+    """Sets to -inf what top-k (0 = off) and top-p (1 = off) exclude; [batch, vocab] float32.
+
+    ``top_k`` / ``top_p``: one value for every row, or one per row ([batch])."""
+    B, V = logits.shape
+    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (B,))[:, None]
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (B,))[:, None]
+    rank = jnp.arange(V)[None]
     srt = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth = jnp.take(srt, k - 1, axis=-1)[:, None]
-    probs = jax.nn.softmax(jnp.where(jnp.arange(V)[None] < k, srt, -jnp.inf), axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)  # [B, 1]
+    kth = jnp.take_along_axis(srt, k - 1, axis=-1)
+    probs = jax.nn.softmax(jnp.where(rank < k, srt, -jnp.inf), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
-    keep = (before < top_p) & (jnp.arange(V)[None] < k)
+    keep = (before < top_p) & (rank < k)
     # the smallest kept logit; the best token is always kept
     thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
     thresh = jnp.maximum(jnp.minimum(thresh, srt[:, :1]), kth)
@@ -87,3 +92,16 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, *, gree
     x = filter_logits(x, top_k, top_p)
     keys = jax.random.split(key, logits.shape[0])
     return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """int32 [batch] next tokens with each row's own parameters (a serving batch mixes requests).
+
+    ``keys``: one random key per row; ``temperature`` / ``top_k`` / ``top_p``: [batch] each. A row with
+    temperature 0 takes the argmax; the others sample as :func:`sample` does."""
+    logits = logits.astype(jnp.float32)
+    hot = temperature > 0
+    x = filter_logits(logits / jnp.where(hot, temperature, 1.0)[:, None], top_k, top_p)
+    drawn = jax.vmap(jax.random.categorical)(keys, x)
+    return jnp.where(hot, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)

@@ -130,23 +130,36 @@ def escape_controls(text: str) -> str:
 
 class StreamDecoder:
     """Incremental detokenisation: feed ids one at a time, get the new text (complete characters only);
-    with ``escape_controls`` control characters come escaped (:func:`escape_controls`)."""
+    with ``escape_controls`` control characters come escaped (:func:`escape_controls`).
+
+    Linear in the length: each push decodes only the ids since the last emitted boundary, with the piece
+    before it as context (tokenizers whose pieces depend on their left neighbour then decode as the
+    whole list would)."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = False, escape_controls: bool = False):
         self.tok, self.skip, self.escape = tokenizer, skip_special_tokens, escape_controls
         self.ids: list[int] = []
-        self.emitted = 0
+        self._prefix = 0  # ids[_prefix:_read] decode to text already emitted: the context of the next piece
+        self._read = 0
+
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait
             return ""
-        return self._emit(text)
+        self._prefix, self._read = self._read, len(self.ids)
+        return self._emit(now[len(before):])
 
     def flush(self) -> str:
-        return self._emit(self.tok.decode(self.ids, skip_special_tokens=self.skip))
+        """What is held back (an incomplete character decodes as U+FFFD)."""
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return self._emit(now[len(before):])
 
-    def _emit(self, text: str) -> str:
-        new, self.emitted = text[self.emitted:], len(text)
+    def _emit(self, new: str) -> str:
         return escape_controls(new) if self.escape else new

@@ -6,11 +6,20 @@ import sys
 
 from m1_jax.sampling import SamplingArgumentError, SamplingParams
 
+CHECKPOINT_HELP = ("checkpoint directory: Hugging Face (config.json + safetensors), an 'm1 convert' output "
+                   "(Orbax), or an 'm1 train' workdir (its latest step) or step directory WORKDIR/checkpoints/N")
+
 
 def add_model_arguments(p):
-    p.add_argument("checkpoint", help="checkpoint directory: Hugging Face (config.json + safetensors), an "
-                                      "'m1 convert' output (Orbax), or an 'm1 train' workdir (its latest step) "
-                                      "or step directory WORKDIR/checkpoints/N")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    add_checkpoint_options(p)
+    p.add_argument("--max-len", type=int, default=None,
+                   help="cache length in tokens (default: prompt + --max-new-tokens; chat: 4096)")
+    p.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk length (bounds prefill memory)")
+
+
+def add_checkpoint_options(p):
+    """How a checkpoint is read: compute dtype, tokenizer, verification."""
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--tokenizer", default=None,
                    help="a directory holding tokenizer.json, the file itself, or 'byte' (default: the "
@@ -19,9 +28,6 @@ def add_model_arguments(p):
     p.add_argument("--verify", action="store_true",
                    help="check every array of an 'm1 convert' output against the checksums its conversion "
                         "recorded before using it (reads the checkpoint once more)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="cache length in tokens (default: prompt + --max-new-tokens; chat: 4096)")
-    p.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk length (bounds prefill memory)")
 
 
 def add_sampling_arguments(p, max_new_tokens: int):
@@ -72,10 +78,10 @@ def load_config_and_tokenizer(args):
         raise TokenizerError(f"--tokenizer {e}" if args.tokenizer is not None else str(e)) from None
 
 
-def load_model(args):
+def load_model(args, mesh=None):
     import jax.numpy as jnp
 
     from m1_jax.loading import from_pretrained
 
     return from_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-                           verify=args.verify)
+                           verify=args.verify, mesh=mesh)

@@ -1,0 +1,443 @@
+"""The serving engine: a fixed number of slots decoded together, requests admitted and freed at step
+boundaries, prompts prefilled in chunks between decode steps, and an exact prefix cache.
+
+One thread runs the loop (:meth:`Engine.start`); any thread submits (:meth:`Engine.submit`) and cancels
+(:meth:`Request.cancel`). Each iteration
+
+1. drops cancelled requests (their slots are free for this iteration's admissions);
+2. admits waiting requests while a slot and a prefill row are free: the prefill row is reset, or set to
+   the longest cached prefix of the prompt (:mod:`m1_jax.serving.prefix_cache`);
+3. feeds one chunk of every admitted prompt (:func:`steps.prefill_chunk`); a prompt whose last chunk is
+   in moves into its slot (:func:`steps.insert`) and decodes from the next step on;
+4. runs one decode step over all slots (:func:`steps.decode_step`) and hands each running request its
+   token; a request that ends (an eos id, a stop string, ``max_tokens``, the context full) frees its slot.
+
+Shapes depend only on the slots, the context and the chunk size, so nothing compiles while serving
+(prefill chunks come in power-of-two lengths up to the chunk size: a handful of compiles on first use).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m1_jax import sharding
+from m1_jax.cache import init_cache, round_max_len
+from m1_jax.serving import steps
+from m1_jax.serving.prefix_cache import Entry, PrefixCache, block_hashes
+from m1_jax.serving.requests import (
+    ABORT,
+    LENGTH,
+    STOP,
+    DoneEvent,
+    QueueFull,
+    Request,
+    RequestError,
+    SamplingOptions,
+    TokenEvent,
+)
+from m1_jax.serving.text import StopStrings
+from m1_jax.tokenizer import StreamDecoder
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    slots: int = 8                # requests decoded together (the decode batch)
+    max_context: int = 4096       # prompt + generated tokens per request (rounded up: cache.round_max_len)
+    prefill_chunk: int = 256      # prompt tokens fed per request per iteration; also the prefix-cache block
+    prefix_cache_bytes: int = 0   # memory budget of the prefix cache (0: off)
+    max_queue: int = 256          # waiting requests beyond which submissions are refused (HTTP 429)
+    prefill_rows: int | None = None  # prompts prefilled side by side (default: the mesh's batch shards, or 1)
+
+    def check(self, cfg, mesh) -> None:
+        for name in ("slots", "max_context", "prefill_chunk", "max_queue"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.prefill_chunk < 16 or self.prefill_chunk & (self.prefill_chunk - 1):
+            raise ValueError(f"prefill_chunk must be a power of two >= 16, got {self.prefill_chunk}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
+        if self.max_context > cfg.max_position_embeddings:
+            raise ValueError(f"max_context={self.max_context} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        shards = batch_shards(mesh)
+        if self.slots % shards:
+            raise ValueError(f"slots={self.slots} must be a multiple of the mesh's batch shards "
+                             f"(data*fsdp*expert={shards})")
+        if self.prefill_rows is not None and (self.prefill_rows < 1 or self.prefill_rows % shards):
+            raise ValueError(f"prefill_rows={self.prefill_rows} must be a positive multiple of the mesh's "
+                             f"batch shards (data*fsdp*expert={shards})")
+
+
+def batch_shards(mesh) -> int:
+    """How many ways the mesh splits the batch (data * fsdp * expert; 1 without a mesh)."""
+    return 1 if mesh is None else sharding.axis_size(mesh, sharding.BATCH_AXES)
+
+
+@dataclasses.dataclass
+class _Prefill:
+    request: Request
+    row: int
+    slot: int
+    pos: int = 0          # prompt tokens in the prefill row
+    cached: int = 0       # of which restored from the prefix cache
+    hashes: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Running:
+    request: Request
+    slot: int
+    cached: int
+    decoder: StreamDecoder
+    stops: StopStrings
+    seeds: tuple[int, int]
+    generated: int = 0
+    first_token_at: float | None = None
+
+
+def _seed_halves(seed: int) -> tuple[int, int]:
+    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+
+
+def _bucket(n: int, cap: int) -> int:
+    return min(cap, max(16, 1 << (n - 1).bit_length()))
+
+
+class Engine:
+    """Serves ``model`` (an :class:`m1_jax.M1Model`, sharded when it has a mesh) to concurrent requests.
+
+    ``tokenizer`` turns generated ids into text (stop strings, streaming); ``metrics``: an optional
+    :class:`m1_jax.serving.metrics.Metrics`."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, metrics=None):
+        cfg, mesh = model.cfg, model.mesh
+        self.config = config = config or EngineConfig()
+        config.check(cfg, mesh)
+        self.model_config, self.tokenizer, self.metrics = cfg, tokenizer, metrics
+        self.max_len = round_max_len(config.max_context)
+        self.context = min(self.max_len, cfg.max_position_embeddings)
+        self.chunk = config.prefill_chunk
+        self.rows = config.prefill_rows or batch_shards(mesh)
+        self.graphdef, self.params = nnx.split(model)
+        S, V = config.slots, cfg.vocab_size
+        self.cache = init_cache(cfg, S, self.max_len, dtype=model.dtype, mesh=mesh, round_len=False)
+        self.pcache = init_cache(cfg, self.rows, self.max_len, dtype=model.dtype, mesh=mesh, round_len=False)
+        self.logits, self.plogits = self._zeros((S, V), mesh), self._zeros((self.rows, V), mesh)
+        self.prefix = PrefixCache(self.chunk, config.prefix_cache_bytes)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._jobs: list[_Prefill | None] = [None] * self.rows
+        self._slots: list[_Running | None] = [None] * S
+        self._reserved: set[int] = set()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._finish_times: collections.deque[float] = collections.deque(maxlen=64)
+        self.steps = 0
+
+    @staticmethod
+    def _zeros(shape, mesh):
+        if mesh is None:
+            return jnp.zeros(shape, jnp.float32)
+        return jnp.zeros(shape, jnp.float32, device=sharding.named_sharding(("batch", "vocab"), mesh, shape))
+
+    # ------------------------------------------------------------------------------------ public
+    def start(self) -> "Engine":
+        """Starts the loop in a daemon thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="m1-serve-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancels what is waiting or running (finish reason ``abort``) and ends the loop."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def check(self, prompt: Sequence[int], options: SamplingOptions) -> None:
+        """Raises :class:`RequestError` for a request that cannot run (the message gives the numbers)."""
+        n = len(prompt)
+        if n == 0:
+            raise RequestError("the prompt is empty: at least one token is needed", param="prompt")
+        V = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})", param="prompt")
+        if n >= self.context:
+            raise RequestError(f"the prompt is {n} tokens long, the context is {self.context} tokens: the "
+                               f"prompt must be shorter than the context", param="messages", code="context_length_exceeded")
+        if n + options.max_tokens > self.context:
+            raise RequestError(f"this model's context is {self.context} tokens; the request asks for "
+                               f"{n + options.max_tokens} ({n} in the prompt, max_tokens={options.max_tokens}): "
+                               f"lower max_tokens to at most {self.context - n}", param="max_tokens",
+                               code="context_length_exceeded")
+
+    def submit(self, request: Request) -> Request:
+        """Queues ``request``; raises :class:`RequestError` (bad request) or :class:`QueueFull`."""
+        self.check(request.prompt, request.options)
+        with self._cv:
+            if self._stopping or not self.alive:
+                raise RequestError("the server is shutting down" if self._stopping else
+                                   f"the engine stopped: {self.error!r}", status=503, kind="server_error")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(len(self._waiting), retry_after=self._retry_after())
+            self._waiting.append(request)
+            self._cv.notify_all()
+        self._gauge()
+        return request
+
+    def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions | Sequence[SamplingOptions],
+                 timeout: float | None = None) -> list[dict]:
+        """Submits ``prompts`` together and waits: per prompt ``{"tokens", "logprobs", "text",
+        "finish_reason", "cached_tokens"}`` (for tools and tests; the server streams instead)."""
+        opts = [options] * len(prompts) if isinstance(options, SamplingOptions) else list(options)
+        results = [dict(tokens=[], logprobs=[], text="", finish_reason=None, cached_tokens=0) for _ in prompts]
+        done = threading.Semaphore(0)
+
+        def sink(i):
+            def on_event(ev):
+                r = results[i]
+                if isinstance(ev, TokenEvent):
+                    r["tokens"].append(ev.token)
+                    r["logprobs"].append(ev.logprob)
+                    r["text"] += ev.text
+                else:
+                    r["text"] += ev.text
+                    r.update(finish_reason=ev.finish_reason, cached_tokens=ev.cached_tokens, error=ev.error)
+                    done.release()
+            return on_event
+
+        for i, (p, o) in enumerate(zip(prompts, opts)):
+            self.submit(Request(list(p), o, sink(i)))
+        for _ in prompts:
+            if not done.acquire(timeout=timeout):
+                raise TimeoutError(f"no answer within {timeout} s")
+        return results
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    # ------------------------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._waiting or self._busy()):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                self._iteration()
+        except BaseException as e:  # a failed step ends every request: report it rather than hang them
+            self.error = e
+        finally:
+            self._abort_all(None if self.error is None else f"the engine stopped: {self.error!r}")
+
+    def _busy(self) -> bool:
+        return any(j is not None for j in self._jobs) or any(r is not None for r in self._slots)
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if any(j is not None for j in self._jobs):
+            self._prefill()
+        if any(r is not None for r in self._slots):
+            self._decode()
+        self.steps += 1
+        self._gauge()
+
+    def _finish(self, request: Request, reason: str, text: str, completion: int, cached: int,
+                error: str | None = None) -> None:
+        request.on_event(DoneEvent(reason, text, len(request.prompt), completion, cached, error))
+        self._finish_times.append(time.monotonic())
+        if self.metrics is not None:
+            self.metrics.finished(reason, time.monotonic() - request.arrived)
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            gone = [r for r in self._waiting if r.cancelled]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            self._finish(r, ABORT, "", 0, 0)
+        for i, job in enumerate(self._jobs):
+            if job is not None and job.request.cancelled:
+                self._jobs[i] = None
+                self._reserved.discard(job.slot)
+                self._finish(job.request, ABORT, "", 0, job.cached)
+        for s, run in enumerate(self._slots):
+            if run is not None and run.request.cancelled:
+                self._slots[s] = None
+                self._finish(run.request, ABORT, "", run.generated, run.cached)
+
+    def _free_slot(self) -> int | None:
+        for s, run in enumerate(self._slots):
+            if run is None and s not in self._reserved:
+                return s
+        return None
+
+    def _admit(self) -> None:
+        while True:
+            row = next((i for i, j in enumerate(self._jobs) if j is None), None)
+            slot = self._free_slot()
+            if row is None or slot is None:
+                return
+            with self._cv:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            self._reserved.add(slot)
+            job = self._jobs[row] = _Prefill(request, row, slot)
+            self._start_prefill(job)
+
+    def _start_prefill(self, job: _Prefill) -> None:
+        self.pcache = steps.reset_row(self.pcache, job.row)
+        job.hashes = block_hashes(job.request.prompt, self.chunk) if self.prefix.enabled else []
+        hits = self.prefix.lookup(job.hashes)
+        if hits:
+            for j, e in enumerate(hits):
+                self.pcache = steps.restore_block(self.pcache, job.row, j * self.chunk, e.keys, e.values)
+            job.pos = job.cached = len(hits) * self.chunk
+            self.pcache, self.plogits = steps.restore_state(self.pcache, self.plogits, job.row, hits[-1].lightning,
+                                                            hits[-1].logits, job.pos)
+        if self.metrics is not None:
+            self.metrics.admitted(len(job.request.prompt))
+            self.metrics.prefix_lookup(len(job.request.prompt), job.cached)
+
+    def _prefill(self) -> None:
+        C = self.chunk
+        todo = [j for j in self._jobs if j is not None and j.pos < len(j.request.prompt)]
+        if todo:
+            n = {j.row: min(C, len(j.request.prompt) - j.pos) for j in todo}
+            T = _bucket(max(n.values()), C)
+            ids = np.zeros((self.rows, T), np.int32)
+            n_valid = np.zeros((self.rows,), np.int32)
+            for j in todo:
+                ids[j.row, :n[j.row]] = j.request.prompt[j.pos:j.pos + n[j.row]]
+                n_valid[j.row] = n[j.row]
+            self.pcache, self.plogits = steps.prefill_chunk(self.graphdef, self.params, self.pcache, self.plogits,
+                                                            jnp.asarray(ids), jnp.asarray(n_valid))
+            for j in todo:
+                j.pos += n[j.row]
+                if self.prefix.enabled and j.pos % C == 0:
+                    k = j.pos // C
+                    if j.hashes[k - 1] not in self.prefix:
+                        snap = steps.snapshot(self.pcache, self.plogits, j.row, j.pos, block=C)
+                        self.prefix.put(j.hashes[:k], Entry(*snap))
+            if self.metrics is not None:
+                self.metrics.prefilled(int(n_valid.sum()))
+        for i, j in enumerate(self._jobs):
+            if j is not None and j.pos == len(j.request.prompt):
+                self.cache, self.logits = steps.insert(self.cache, self.logits, self.pcache, self.plogits, j.row,
+                                                       j.slot)
+                self._jobs[i] = None
+                self._reserved.discard(j.slot)
+                o = j.request.options
+                self._slots[j.slot] = _Running(j.request, j.slot, j.cached, StreamDecoder(self.tokenizer),
+                                               StopStrings(o.stop), _seed_halves(o.seed))
+
+    def _decode(self) -> None:
+        S = len(self._slots)
+        active = np.zeros((S,), bool)
+        temperature, top_p = np.zeros((S,), np.float32), np.ones((S,), np.float32)
+        top_k, counters = np.zeros((S,), np.int32), np.zeros((S,), np.int32)
+        seeds = np.zeros((S, 2), np.uint32)
+        for s, run in enumerate(self._slots):
+            if run is not None:
+                o = run.request.options
+                active[s] = True
+                temperature[s], top_p[s], top_k[s] = o.temperature, o.top_p, o.top_k
+                seeds[s], counters[s] = run.seeds, run.generated
+        self.cache, self.logits, tok, lp, top_ids, top_lp = steps.decode_step(
+            self.graphdef, self.params, self.cache, self.logits, jnp.asarray(active), jnp.asarray(temperature),
+            jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seeds), jnp.asarray(counters))
+        want_top = any(r is not None and r.request.options.logprobs for r in self._slots)
+        tok, lp = jax.device_get((tok, lp))
+        if want_top:
+            top_ids, top_lp = jax.device_get((top_ids, top_lp))
+        now = time.monotonic()
+        produced = 0
+        for s, run in enumerate(self._slots):
+            if run is None:
+                continue
+            produced += 1
+            self._token(run, int(tok[s]), float(lp[s]),
+                        list(zip(top_ids[s].tolist(), top_lp[s].tolist())) if want_top else None, now)
+        if self.metrics is not None:
+            self.metrics.decoded(produced)
+
+    def _token(self, run: _Running, token: int, logprob: float, top, now: float) -> None:
+        req, o = run.request, run.request.options
+        run.generated += 1
+        if run.first_token_at is None:
+            run.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.first_token(now - req.arrived)
+        eos = token in o.stop_token_ids
+        text = "" if eos else run.stops.feed(run.decoder.push(token))
+        reason = None
+        if eos or run.stops.stopped is not None:
+            reason = STOP
+        elif run.generated >= o.max_tokens or len(req.prompt) + run.generated >= self.context:
+            reason = LENGTH
+        n_top = o.logprobs or 0
+        req.on_event(TokenEvent(token, text, logprob, top[:n_top] if (top is not None and n_top) else None,
+                                stop_token=eos))
+        if reason is None:
+            return
+        tail = "" if run.stops.stopped is not None else run.stops.feed(run.decoder.flush()) + run.stops.flush()
+        self._slots[run.slot] = None
+        if self.metrics is not None and run.generated > 1:
+            self.metrics.per_token((now - run.first_token_at) / (run.generated - 1))
+        self._finish(req, reason, tail, run.generated, run.cached)
+
+    def _abort_all(self, error: str | None) -> None:
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for r in waiting:
+            self._finish(r, ABORT, "", 0, 0, error)
+        for i, j in enumerate(self._jobs):
+            if j is not None:
+                self._jobs[i] = None
+                self._finish(j.request, ABORT, "", 0, j.cached, error)
+        self._reserved.clear()
+        for s, run in enumerate(self._slots):
+            if run is not None:
+                self._slots[s] = None
+                self._finish(run.request, ABORT, "", run.generated, run.cached, error)
+
+    # ------------------------------------------------------------------------------------ metrics
+    def _retry_after(self) -> float:
+        """Seconds until the queue has likely moved on: the waiting requests over the recent finish rate
+        (1 to 60 s; 1 s before any request has finished)."""
+        times = self._finish_times
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 1.0
+        rate = (len(times) - 1) / (times[-1] - times[0])
+        return float(min(60.0, max(1.0, len(self._waiting) / rate)))
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.load(self.waiting, self.running, self.prefix)
+

@@ -1,0 +1,116 @@
+"""The compiled functions of the serving engine; their shapes never change with the load.
+
+Two caches live on the device (:mod:`m1_jax.cache` layout):
+
+* the **slots** cache, ``[slots]`` rows of ``max_context`` tokens: one row per running request. Every
+  engine step runs :func:`decode_step` over all slots at once (a free slot feeds nothing).
+* the **prefill** cache, ``[prefill_rows]`` rows: a request's prompt is fed there chunk by chunk
+  (:func:`prefill_chunk`, chunks of a fixed size aligned at multiples of that size from the prompt's
+  start), then copied into its slot (:func:`insert`). The prefix cache snapshots a prefill row at chunk
+  boundaries (:func:`snapshot`) and restores a snapshot into a prefill row (:func:`restore_block`,
+  :func:`restore_state`).
+
+Each slot row is a plain per-slot array sized by ``max_context`` rather than paged blocks: 7 of every 8
+layers hold a constant-size lightning state, so only the softmax layers' keys and values grow with the
+context; a slot costs the same whatever its request's length, which keeps every shape static.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from m1_jax.cache import Cache
+from m1_jax.sampling import sample_rows
+
+# Top log-probabilities computed for every slot at every step (OpenAI allows at most 20 per token).
+TOP_LOGPROBS = 20
+_BATCH_AXIS = Cache(lightning=2, keys=2, values=2, lengths=0)
+
+
+def _row_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
+    """One random key per row: the request's seed (two uint32 halves) folded with its token counter."""
+    def one(seed, count):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), seed[1]), count)
+    return jax.vmap(one)(seeds, counters)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "logits"))
+def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, logits: jax.Array, active: jax.Array,
+                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
+                counters: jax.Array):
+    """Samples one token per slot from ``logits`` [slots, vocab] and feeds it (active slots with room).
+
+    -> (cache, next logits, tokens int32 [slots], their log-probabilities float32 [slots], top ids int32
+    [slots, TOP_LOGPROBS], top log-probabilities). Log-probabilities are the model's (temperature 1)."""
+    tok = sample_rows(logits, _row_keys(seeds, counters), temperature, top_k, top_p)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    lp = jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0]
+    top_lp, top_ids = lax.top_k(logp, TOP_LOGPROBS)
+    feed = active & (cache.lengths < cache.max_len)
+    out = nnx.merge(graphdef, params).forward(tok[:, None], cache=cache, n_valid=feed.astype(jnp.int32),
+                                              last_only=True)
+    logits = jnp.where(feed[:, None], out.logits[:, 0], logits)
+    return out.cache, logits, tok, lp, top_ids.astype(jnp.int32), top_lp
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "logits"))
+def prefill_chunk(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, logits: jax.Array, ids: jax.Array,
+                  n_valid: jax.Array) -> tuple[Cache, jax.Array]:
+    """Feeds ``ids`` [rows, T] (the first ``n_valid`` of each row real) into the prefill cache; a row's
+    logits [vocab] become those at its last real token (unchanged for a row that feeds nothing)."""
+    out = nnx.merge(graphdef, params).forward(ids, cache=cache, n_valid=n_valid, last_only=True)
+    return out.cache, jnp.where((n_valid > 0)[:, None], out.logits[:, 0], logits)
+
+
+def _take_row(x: jax.Array, row, axis: int) -> jax.Array:
+    return lax.dynamic_index_in_dim(x, row, axis, keepdims=True)
+
+
+def _put_row(dst: jax.Array, piece: jax.Array, row, axis: int) -> jax.Array:
+    return lax.dynamic_update_index_in_dim(dst, piece.astype(dst.dtype), row, axis)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache", "logits"))
+def insert(cache: Cache, logits: jax.Array, pcache: Cache, plogits: jax.Array, row, slot):
+    """Copies prefill row ``row`` (state, keys, values, length, last logits) into slot ``slot``."""
+    cache = jax.tree.map(lambda d, s, ax: _put_row(d, _take_row(s, row, ax), slot, ax), cache, pcache, _BATCH_AXIS)
+    return cache, _put_row(logits, _take_row(plogits, row, 0), slot, 0)
+
+
+@functools.partial(jax.jit, donate_argnames=("pcache",))
+def reset_row(pcache: Cache, row) -> Cache:
+    """An empty prefill row: zero lightning state, length 0 (stale keys past the length are never read)."""
+    state = _put_row(pcache.lightning, jnp.zeros_like(_take_row(pcache.lightning, row, 2)), row, 2)
+    return pcache.replace(lightning=state, lengths=pcache.lengths.at[row].set(0))
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def snapshot(pcache: Cache, plogits: jax.Array, row, end, *, block: int):
+    """What the prefix cache keeps at a chunk boundary ``end`` of prefill row ``row``: the lightning states
+    after token ``end`` [periods, layers, 1, heads, d, d], the keys and values of tokens ``end - block`` ..
+    ``end`` [periods, layers, 1, block, kv_heads, d] and the logits at token ``end - 1`` [vocab] (copies)."""
+    kv = [lax.dynamic_slice_in_dim(_take_row(x, row, 2), end - block, block, axis=3)
+          for x in (pcache.keys, pcache.values)]
+    return _take_row(pcache.lightning, row, 2), kv[0], kv[1], plogits[row]
+
+
+@functools.partial(jax.jit, donate_argnames=("pcache",))
+def restore_block(pcache: Cache, row, start, keys: jax.Array, values: jax.Array) -> Cache:
+    """Writes a snapshot's keys and values into prefill row ``row`` at token ``start``."""
+    def put(dst, piece):
+        r = _take_row(dst, row, 2)
+        return _put_row(dst, lax.dynamic_update_slice_in_dim(r, piece.astype(r.dtype), start, axis=3), row, 2)
+    return pcache.replace(keys=put(pcache.keys, keys), values=put(pcache.values, values))
+
+
+@functools.partial(jax.jit, donate_argnames=("pcache", "plogits"))
+def restore_state(pcache: Cache, plogits: jax.Array, row, lightning: jax.Array, logits: jax.Array, length):
+    """Sets prefill row ``row`` to a snapshot's lightning states, length and last logits."""
+    pcache = pcache.replace(lightning=_put_row(pcache.lightning, lightning, row, 2),
+                            lengths=pcache.lengths.at[row].set(length))
+    return pcache, plogits.at[row].set(logits)
