@@ -18,10 +18,12 @@ Shapes depend only on the slots, the context and the chunk size, so nothing comp
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import threading
 import time
+import weakref
 from typing import Sequence
 
 import jax
@@ -76,6 +78,12 @@ class EngineConfig:
         if self.prefill_rows is not None and (self.prefill_rows < 1 or self.prefill_rows % shards):
             raise ValueError(f"prefill_rows={self.prefill_rows} must be a positive multiple of the mesh's "
                              f"batch shards (data*fsdp*expert={shards})")
+
+
+def _stop_at_exit(ref) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.stop(timeout=60)
 
 
 def batch_shards(mesh) -> int:
@@ -157,6 +165,7 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="m1-serve-engine", daemon=True)
             self._thread.start()
+            atexit.register(_stop_at_exit, weakref.ref(self))  # never leave a step running as Python exits
         return self
 
     def stop(self, timeout: float | None = None) -> None:
