@@ -26,7 +26,7 @@ On an NVIDIA GPU "pallas" is the Pallas GPU (Triton) kernel, and three options c
 * --variants: the Pallas kernel's chunk / state tile / warps / pipeline stages swept at the longest
   length; the fastest forward+backward one is used for the table;
 * --decode-batch: one decode step of that batch (float32 state), xla and the Pallas kernel, timed as a
-  jitted loop of --decode-steps steps, with its memory traffic (the state read and written, q/k/v/o) as
+  jitted, unrolled loop of --decode-steps steps, with its memory traffic (the state read and written, q/k/v/o) as
   a bandwidth, against a device-to-device copy measured in the same run and --peak-tbps.
 """
 
@@ -224,7 +224,8 @@ def decode_rows(args, slopes_all, dtype, copy_bps):
                 o, st = step(st, q, k, v)
                 return st, acc + o.astype(jnp.float32)
 
-            return jax.lax.fori_loop(0, steps, body, (state, jnp.zeros(q.shape, jnp.float32)))
+            # unrolled: the steps run back to back, without a loop condition read between them
+            return jax.lax.fori_loop(0, steps, body, (state, jnp.zeros(q.shape, jnp.float32)), unroll=True)
 
         return run
 

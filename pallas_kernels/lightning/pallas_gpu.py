@@ -20,7 +20,8 @@ columns) forwards or backwards in time, carrying a float32 state S [d_x, tile] i
   forward:  O = ((X Y^T) * M) Z + a * (X S)        S <- g S + (c * Y)^T Z
   reverse:  O = ((X Y^T) * M^T) Z + c * (X S)      S <- g S + (a * Y)^T Z
 
-(M, a, g, c of chunk_decays.py.) The attention is the forward scan of (Q, K, V) from S_0. For the
+(M, a, g, c of chunk_decays.py; M from 2C exps, exp(-s pos_j) exp(s pos_i), when s * C <= 80, as for all of
+M1's slopes.) The attention is the forward scan of (Q, K, V) from S_0. For the
 cotangents dO of the output and dS of the final state, its gradients are three more scans:
 
   dQ = forward scan of (dO, V, K) from S_0^T   (the state is S^T, rebuilt chunk by chunk)
@@ -51,7 +52,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.lightning.chunk_decays import chunk_decays, chunk_masks
+from pallas_kernels.lightning.chunk_decays import (
+    FACTORED_MAX,
+    boundary_decays,
+    chunk_masks,
+    intra_decay,
+    intra_decay_factored,
+)
 from pallas_kernels.lightning.segments import block_positions
 
 __all__ = ["MAX_CHUNK", "decode_step_pallas_gpu", "gpu_chunk", "lightning_pallas_gpu"]
@@ -126,14 +133,18 @@ def _scan_kernel(slopes_ref, x_ref, y_ref, z_ref, s0_ref, pos_ref, run_ref, o_re
     s = slopes_ref[pl.program_id(1)]
     mm = jnp.dtype(cfg.mm_dtype)
     c_len, nc = cfg.chunk, cfg.chunks
+    factored = s * c_len <= FACTORED_MAX  # 2C exps per chunk instead of C^2 (all of M1's slopes)
 
     def step(i, state):
         n = nc - 1 - i if cfg.reverse else i
         rows = pl.ds(pl.multiple_of(n * c_len, c_len), c_len)
         x, y, z = x_ref[rows, :], y_ref[rows, :], z_ref[rows, :]
         p, r = pos_ref[n, :], run_ref[n, :]
-        masks = chunk_masks(p[None, :], r[None, :], p[:, None], r[:, None], reverse=cfg.reverse)
-        m, a, g, c = chunk_decays(s, masks)
+        p_row, p_col = p[None, :], p[:, None]
+        masks = chunk_masks(p_row, r[None, :], p_col, r[:, None], reverse=cfg.reverse)
+        m = jax.lax.cond(factored, lambda: intra_decay_factored(s, p_row, p_col, masks[0], reverse=cfg.reverse),
+                         lambda: intra_decay(s, masks))
+        a, g, c = boundary_decays(s, masks)
         if cfg.reverse:  # the state enters at the chunk's end and leaves at its start
             a, c = c, a
         scores = _dot(x, y, ((1,), (1,))) * m

@@ -52,6 +52,17 @@ def test_overflow_and_long_sequence(lt):
         assert lt.rel_err(a, r) < 1e-5, name
 
 
+def test_steep_slope_takes_the_direct_decays(lt):
+    """s * chunk = 3 * 64 > 80: that head's M comes from one exp per pair (exp(3 * 64) overflows the
+    factored form), beside a head that takes the factored form."""
+    q, k, v, s0, do, ds = lt.make_inputs(46, 1, 100, 2, 8)
+    args = (q, k, v, jnp.asarray([3.0, 0.5], jnp.float32), s0, None, do, ds)
+    ref = lt.fwd_and_grads("reference", *args, 64)
+    got = gpu_fwd_and_grads(*args, 64)
+    for name, a, r in zip(lt.NAMES, got, ref):
+        assert lt.rel_err(a, r) < 1e-5, name
+
+
 def test_state_tiles_and_padded_head_dims(lt):
     """d_k 12 and d_v 20 are zero-padded to 16 and 32; value_tile 16 splits the state's columns over two
     programs in the forward and the dV pass."""
