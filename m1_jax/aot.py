@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from typing import Any
 
@@ -48,6 +49,7 @@ from m1_jax.model import M1Model, abstract_model
 from m1_jax.rl.objectives import make_objective
 from m1_jax.rl.update import UPDATE_KEYS, UpdateOptions, rl_optimizer_section, update_batch_shardings, update_step_fn
 from m1_jax.run_config import RunConfig
+from m1_jax.serving import steps as serving_steps
 from pallas_kernels.platform import tpu_target
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 GiB = 2 ** 30
 # HBM per chip by TPU generation (GiB).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
-MODES = ("train", "rl", "forward", "decode", "prefill")
+MODES = ("train", "rl", "forward", "decode", "prefill", "serve")
 
 
 def run_for_plan(run: RunConfig | None, remat: str) -> RunConfig:
@@ -131,7 +133,8 @@ class AotReport:
         fits = {None: "?", True: "fits", False: "DOES NOT FIT"}[self.fits]
         shape = {"decode": f"batch {self.batch} x context {self.context} (one new token)",
                  "prefill": f"batch {self.batch} x chunk {self.seq_len} on context {self.context}",
-                 "rl": f"batch {self.batch} x seq {self.seq_len}, prompt + response"}.get(
+                 "rl": f"batch {self.batch} x seq {self.seq_len}, prompt + response",
+                 "serve": f"{self.batch} slots x context {self.context}, one new token each"}.get(
                      self.mode, f"batch {self.batch} x seq {self.seq_len}")
         lines = [
             f"mode            {self.mode} ({shape})",
@@ -197,6 +200,8 @@ def lower_step(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, cont
     if mode == "forward":
         fn = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
         return fn.lower(params, _tokens(mesh, batch, seq_len)), ""
+    if mode == "serve":
+        return serve_step(cfg, mesh, graphdef, params, slots=batch, context=context, dtype=model_kw["dtype"])
     new = 1 if mode == "decode" else seq_len
     if new > context:
         raise ValueError(f"seq_len {new} (the prefill chunk) exceeds context {context}")
@@ -211,6 +216,30 @@ def lower_step(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, cont
             f"prefill chunk: {new} new tokens per row on a KV cache of {shapes.max_len} tokens (m1_jax.cache); "
             f"a {context}-token prompt is {-(-context // new)} such chunks, memory bounded by one")
     return fn.lower(params, _sds(shapes, cache_shardings(shapes, mesh)), _tokens(mesh, batch, new)), note
+
+
+def serve_step(cfg: M1Config, mesh, graphdef, params, *, slots: int, context: int, dtype):
+    """``m1 serve``'s decode step (:func:`m1_jax.serving.steps.decode_step`: per-slot sampling, then one token
+    fed to every slot) lowered for ``slots`` slots of ``context`` tokens -> (lowered, note). The note adds
+    what the engine holds beside it: the prefill rows' cache (one row per batch shard)."""
+    shapes = cache_shapes(cfg, slots, round_max_len(context), dtype)
+    V = cfg.vocab_size
+
+    def rows(dt, *tail):
+        shape = (slots, *tail)
+        names = ("batch", "vocab") if tail == (V,) else ("batch",) + (None,) * len(tail)
+        return jax.ShapeDtypeStruct(shape, dt, sharding=sharding.named_sharding(names, mesh, shape))
+
+    lowered = serving_steps.decode_step.lower(
+        graphdef, params, _sds(shapes, cache_shardings(shapes, mesh)), rows(jnp.float32, V), rows(jnp.bool_),
+        rows(jnp.float32), rows(jnp.int32), rows(jnp.float32), rows(jnp.uint32, 2), rows(jnp.int32))
+    prefill_rows = sharding.axis_size(mesh, sharding.BATCH_AXES)
+    pshapes = cache_shapes(cfg, prefill_rows, shapes.max_len, dtype)
+    per_device = sum(math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize for a, sh in
+                     zip(jax.tree.leaves(pshapes), jax.tree.leaves(cache_shardings(pshapes, mesh))))
+    return lowered, (f"serve decode step: {slots} slots x {shapes.max_len} tokens (m1_jax.serving.steps); the engine "
+                     f"also holds {prefill_rows} prefill row(s): {per_device / GiB:.2f} GiB per device more, plus "
+                     "the prefix cache's budget")
 
 
 def abstract_train_state(cfg: M1Config, mesh, tx, model_kw: dict):
@@ -299,6 +328,7 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
         generated_code_bytes=int(mem.generated_code_size_in_bytes),
         hbm_bytes=None if hbm is None else hbm * GiB, flops=float(cost["flops"]) if "flops" in cost else None,
         # the RL update runs the train step's passes (forward + backward over every token)
-        model_flops=step_flops(cfg, "train" if mode == "rl" else mode, batch=batch, seq_len=seq_len, context=context),
+        model_flops=step_flops(cfg, {"rl": "train", "serve": "decode"}.get(mode, mode), batch=batch, seq_len=seq_len,
+                               context=context),
         note=note if remat == "none" else f"remat {remat}; {note}".rstrip("; "),
         head_dtype=jnp.dtype(model_kw.get("head_dtype") or dtype).name)

@@ -17,12 +17,13 @@ def add_arguments(p):
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4, v5e:2x2, v6e:4x4")
     p.add_argument("--mesh", required=True, help="mesh over the topology's chips, e.g. fsdp=-1,expert=8 "
                                                  "(axes data, fsdp, expert, tensor; -1 = the rest)")
-    p.add_argument("--mode", choices=("train", "rl", "forward", "decode", "prefill"), default="train",
+    p.add_argument("--mode", choices=("train", "rl", "forward", "decode", "prefill", "serve"), default="train",
                    help="rl: the RL policy update (m1_jax.rl.update); prefill: one --seq-len chunk of a chunked "
-                        "prefill on a cache of --context tokens")
+                        "prefill on a cache of --context tokens; serve: m1 serve's decode step over --batch slots "
+                        "of --context tokens")
     p.add_argument("--batch", type=int, default=None,
-                   help="global batch (default: data*fsdp*expert x --micro-batches, one row per data shard in "
-                        "each micro-batch)")
+                   help="global batch, the slots for serve (default: data*fsdp*expert x --micro-batches, one row "
+                        "per data shard in each micro-batch)")
     p.add_argument("--seq-len", type=int, default=8192,
                    help="tokens per row for train / forward, prompt + response for rl; chunk length for prefill")
     p.add_argument("--micro-batches", type=int, default=1,

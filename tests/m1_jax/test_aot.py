@@ -154,3 +154,25 @@ def test_aot_rl_lowers_the_update_step_of_the_policy_state():
                                    run=RunConfig(), update=opts)
     assert planned.as_text() == ran
     assert note.startswith("RL update (m1_jax.rl.update): objective dapo, eps_high 0.3, 2 micro-batches")
+
+
+def test_m1_aot_serve_plans_the_engines_decode_step(tmp_path, monkeypatch, capsys):
+    """``--mode serve`` compiles m1 serve's decode step over ``--batch`` slots of ``--context`` tokens and
+    names the prefill rows the engine holds beside it."""
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed for TPU AOT compilation")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    cfg = resolve_config("tiny").replace(block_size=128, num_hidden_layers=2,
+                                         layer_types=["linear_attention", "full_attention"])
+    cfg.to_json(tmp_path / "config.json")
+    out = tmp_path / "aot.json"
+    assert cli.main(["aot", "--config", str(tmp_path / "config.json"), "--topology", "v5p:2x2x1", "--mesh",
+                     "expert=2,tensor=2", "--mode", "serve", "--batch", "8", "--context", "1024",
+                     "--json", str(out)]) == 0
+    assert "mode            serve (8 slots x context 1024, one new token each)" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["fits"] is True and report["batch"] == 8
+    assert "8 slots x 1024 tokens" in report["note"] and "2 prefill row(s)" in report["note"]
+    assert report["model_flops"] == step_flops(cfg, "decode", batch=8, seq_len=report["seq_len"], context=1024)
+    # the slots' KV cache is an argument: 8 slots x 1024 tokens x 2 KV heads x 16 x (keys + values) x bf16,
+    # split over the expert axis (batch)
+    assert report["argument_bytes"] >= 8 * 1024 * 2 * 16 * 2 * 2 // 2

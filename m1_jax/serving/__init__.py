@@ -1,0 +1,3 @@
+"""Serving M1 to many clients at once: the slot engine (:mod:`.engine`), its compiled steps (:mod:`.steps`),
+the exact prefix cache (:mod:`.prefix_cache`) and the OpenAI-compatible HTTP server (:mod:`.server`,
+``m1 serve``)."""
