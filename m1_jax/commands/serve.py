@@ -82,6 +82,9 @@ def build(args):
         model, tokenizer, name = _random_tiny(args)
     else:
         cfg, tokenizer = load_config_and_tokenizer(args)
+        if args.max_context > cfg.max_position_embeddings:  # before the weights load
+            raise ValueError(f"--max-context {args.max_context} exceeds the model's max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
         print(f"m1 serve: loading {args.checkpoint} ...", file=sys.stderr, flush=True)
         model = load_model(args, mesh=args.mesh)
         name = os.path.basename(os.path.normpath(args.checkpoint))
@@ -89,10 +92,7 @@ def build(args):
     metrics = Metrics()
     config = EngineConfig(slots=args.slots, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
                           prefix_cache_bytes=int(args.prefix_cache_gb * 2 ** 30), max_queue=args.max_queue)
-    try:
-        engine = Engine(model, tokenizer, config, metrics=metrics)
-    except ValueError as e:  # the engine names its settings as the flags do, with underscores
-        raise ValueError(f"--{str(e).replace('_', '-', 1)}") from None
+    engine = Engine(model, tokenizer, config, metrics=metrics)
     return create_app(engine, name, tokenizer, metrics=metrics), engine, name
 
 
