@@ -10,9 +10,10 @@ rest, chunk by chunk from the same boundaries as a prompt that missed: the compu
 the result does not depend on whether the cache hit. A shared prefix that ends mid-block is restored up
 to its last full block.
 
-Entries are evicted least recently used first under a byte budget. A hit touches the deepest block first
-and the first block last, so a prefix's earlier blocks are always more recent than its later ones and
-eviction never strands a block behind a missing parent.
+Entries are evicted least recently used first under a byte budget. A hit or a store touches the deepest
+block first and the first block last, so a prefix's earlier blocks are always more recent than its later
+ones, and a store never evicts the parents of the block it stores: eviction does not strand a block
+behind a missing parent.
 """
 
 from __future__ import annotations
@@ -87,17 +88,19 @@ class PrefixCache:
 
     def put(self, chain: Sequence[bytes], entry: Entry) -> None:
         """Stores ``entry``, the snapshot of block ``chain[-1]`` (``chain``: the digests of its prefix's
-        blocks, first to last), unless it alone exceeds the budget; evicts to fit. Its parent blocks are
-        touched after it, the first one last."""
+        blocks, first to last), evicting least recently used entries other than its own parents to fit;
+        not stored when only those would make room. Its parents are touched after it, the first one last."""
         size = entry.nbytes
         if not self.enabled or size > self.budget:
             return
         with self._lock:
-            h = chain[-1]
+            h, parents = chain[-1], set(chain)
             if h not in self._entries:
-                while self._entries and self.bytes + size > self.budget:
-                    _, old = self._entries.popitem(last=False)
-                    self.bytes -= old.nbytes
+                while self.bytes + size > self.budget:
+                    victim = next((k for k in self._entries if k not in parents), None)
+                    if victim is None:
+                        return
+                    self.bytes -= self._entries.pop(victim).nbytes
                     self.evictions += 1
                 self._entries[h] = entry
                 self.bytes += size
