@@ -18,14 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-    "FACTORED_MAX",
-    "boundary_decays",
-    "chunk_decays",
-    "chunk_masks",
-    "intra_decay",
-    "intra_decay_factored",
-]
+__all__ = ["chunk_decays", "chunk_masks"]
 
 
 def chunk_masks(p_row: jax.Array, r_row: jax.Array, p_col: jax.Array, r_col: jax.Array, *, reverse: bool = False):
@@ -49,35 +42,11 @@ def chunk_masks(p_row: jax.Array, r_row: jax.Array, p_col: jax.Array, r_col: jax
     return valid, dist, into, a_dist, pm, rm <= 0.0, last, c_dist
 
 
-def intra_decay(s: jax.Array, masks) -> jax.Array:
-    """M (C, C) for slope ``s`` from `chunk_masks`' output: one exp per pair."""
-    valid, dist = masks[0], masks[1]
-    return jnp.where(valid, jnp.exp(-s * dist), 0.0)
-
-
-def intra_decay_factored(s: jax.Array, p_row: jax.Array, p_col: jax.Array, valid: jax.Array, *,
-                         reverse: bool = False) -> jax.Array:
-    """M (C, C) as exp(-s pos_j) * exp(s pos_i) (transposed when ``reverse``): 2C exps instead of C^2.
-
-    Equal to `intra_decay` up to rounding while exp(s * max(pos)) does not overflow: the caller keeps
-    s * C at most `FACTORED_MAX`.
-    """
-    sign = 1.0 if reverse else -1.0
-    return jnp.where(valid, jnp.exp(sign * s * p_col) * jnp.exp(-sign * s * p_row), 0.0)
-
-
-FACTORED_MAX = 80.0  # s * C up to which intra_decay_factored is safe: exp(80) ~ 5.5e34 < 3.4e38
-
-
-def boundary_decays(s: jax.Array, masks) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(a (C, 1), g (1, 1), c (C, 1)) for slope ``s`` from `chunk_masks`' output."""
-    _, _, into, a_dist, pm, carry, last, c_dist = masks
+def chunk_decays(s: jax.Array, masks) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(M (C, C), a (C, 1), g (1, 1), c (C, 1)) for slope ``s`` from `chunk_masks`' output."""
+    valid, dist, into, a_dist, pm, carry, last, c_dist = masks
+    m = jnp.where(valid, jnp.exp(-s * dist), 0.0)
     a = jnp.where(into, jnp.exp(-s * a_dist), 0.0)
     g = jnp.where(carry, jnp.exp(-s * pm), 0.0)
     c = jnp.where(last, jnp.exp(-s * c_dist), 0.0)
-    return a, g, c
-
-
-def chunk_decays(s: jax.Array, masks) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(M (C, C), a (C, 1), g (1, 1), c (C, 1)) for slope ``s`` from `chunk_masks`' output."""
-    return (intra_decay(s, masks), *boundary_decays(s, masks))
+    return m, a, g, c

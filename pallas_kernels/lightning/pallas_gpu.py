@@ -20,8 +20,7 @@ columns) forwards or backwards in time, carrying a float32 state S [d_x, tile] i
   forward:  O = ((X Y^T) * M) Z + a * (X S)        S <- g S + (c * Y)^T Z
   reverse:  O = ((X Y^T) * M^T) Z + c * (X S)      S <- g S + (a * Y)^T Z
 
-(M, a, g, c of chunk_decays.py; M from 2C exps, exp(-s pos_j) exp(s pos_i), when s * C <= 80, as for all of
-M1's slopes.) The attention is the forward scan of (Q, K, V) from S_0. For the
+(M, a, g, c of chunk_decays.py.) The attention is the forward scan of (Q, K, V) from S_0. For the
 cotangents dO of the output and dS of the final state, its gradients are three more scans:
 
   dQ = forward scan of (dO, V, K) from S_0^T   (the state is S^T, rebuilt chunk by chunk)
@@ -52,22 +51,20 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.lightning.chunk_decays import (
-    FACTORED_MAX,
-    boundary_decays,
-    chunk_masks,
-    intra_decay,
-    intra_decay_factored,
-)
+from pallas_kernels.lightning.chunk_decays import chunk_decays, chunk_masks
 from pallas_kernels.lightning.segments import block_positions
 
-__all__ = ["MAX_CHUNK", "decode_step_pallas_gpu", "gpu_chunk", "lightning_pallas_gpu"]
+__all__ = ["DECODE_TILE", "DECODE_WARPS", "MAX_CHUNK", "VALUE_TILE", "decode_step_pallas_gpu", "gpu_chunk",
+           "lightning_pallas_gpu"]
 
 _F32 = jnp.float32
 _HI = jax.lax.Precision.HIGHEST
 _SQ = pl.Squeezed()
 
-MAX_CHUNK = 64  # default longest chunk: its C x C float32 scores live in registers
+# Defaults, the fastest measured on an NVIDIA H200 (docs/benchmarks.md, "Lightning attention on an NVIDIA GPU"):
+MAX_CHUNK = 64  # longest chunk: its C x C float32 scores live in registers (chunk 128 and 32 were slower)
+VALUE_TILE = 32  # state columns per program of the chunk scans (64: +8% forward time at 64k tokens)
+DECODE_TILE, DECODE_WARPS = 128, 8  # decode step: one head's whole state per program, 8 warps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +100,7 @@ class _Cfg:
     interpret: bool
 
     def scan(self, dx: int, dz: int, reverse: bool) -> _Scan:
-        tile = min(dz, self.tile or 64)
+        tile = min(dz, self.tile or VALUE_TILE)
         return _Scan(self.chunks, self.chunk, dx, dz, tile, reverse, self.shared_pos, self.mm_dtype,
                      self.num_warps, self.num_stages, self.interpret)
 
@@ -133,18 +130,14 @@ def _scan_kernel(slopes_ref, x_ref, y_ref, z_ref, s0_ref, pos_ref, run_ref, o_re
     s = slopes_ref[pl.program_id(1)]
     mm = jnp.dtype(cfg.mm_dtype)
     c_len, nc = cfg.chunk, cfg.chunks
-    factored = s * c_len <= FACTORED_MAX  # 2C exps per chunk instead of C^2 (all of M1's slopes)
 
     def step(i, state):
         n = nc - 1 - i if cfg.reverse else i
         rows = pl.ds(pl.multiple_of(n * c_len, c_len), c_len)
         x, y, z = x_ref[rows, :], y_ref[rows, :], z_ref[rows, :]
         p, r = pos_ref[n, :], run_ref[n, :]
-        p_row, p_col = p[None, :], p[:, None]
-        masks = chunk_masks(p_row, r[None, :], p_col, r[:, None], reverse=cfg.reverse)
-        m = jax.lax.cond(factored, lambda: intra_decay_factored(s, p_row, p_col, masks[0], reverse=cfg.reverse),
-                         lambda: intra_decay(s, masks))
-        a, g, c = boundary_decays(s, masks)
+        masks = chunk_masks(p[None, :], r[None, :], p[:, None], r[:, None], reverse=cfg.reverse)
+        m, a, g, c = chunk_decays(s, masks)
         if cfg.reverse:  # the state enters at the chunk's end and leaves at its start
             a, c = c, a
         scores = _dot(x, y, ((1,), (1,))) * m
@@ -255,7 +248,7 @@ def lightning_pallas_gpu(
 
     interpret: None picks interpret mode when the default backend is not GPU.
     chunk: tokens per chunk (a power of two >= 16); default `gpu_chunk(block_size)`.
-    value_tile: state columns per program (a power of two >= 16, capped at the head dim); default 64.
+    value_tile: state columns per program (a power of two >= 16, capped at the head dim); default VALUE_TILE.
     num_warps, num_stages: Triton's warps per program and software-pipelining depth of the chunk loop.
     Returns (o in q's dtype, final_state float32).
     """
@@ -288,12 +281,12 @@ def lightning_pallas_gpu(
 
 def decode_step_pallas_gpu(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, slopes: jax.Array, *,
                            interpret: bool | None = None, value_tile: int | None = None,
-                           num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
+                           num_warps: int = DECODE_WARPS) -> tuple[jax.Array, jax.Array]:
     """One decode step as a Pallas GPU kernel: S' = exp(-s) S + k^T v (as S + expm1(-s) S), o = q S'.
 
     state float32 [B, H, d_k, d_v]; q, k [B, H, d_k]; v [B, H, d_v]. The new state is written over the
     state's buffer (input_output_aliases; donate it to avoid a copy). Each program updates
-    [d_k, value_tile] of one head's state (default 32 columns). Returns (o in q's dtype, new state).
+    [d_k, value_tile] of one head's state (default DECODE_TILE columns). Returns (o in q's dtype, new state).
     """
     _check_tile("value_tile", value_tile)
     if interpret is None:
@@ -301,7 +294,7 @@ def decode_step_pallas_gpu(state: jax.Array, q: jax.Array, k: jax.Array, v: jax.
     b, h, dk = q.shape
     dv = v.shape[-1]
     dkp, dvp = (max(1, 1 << (d - 1).bit_length()) for d in (dk, dv))
-    tile = min(dvp, value_tile or 32)
+    tile = min(dvp, value_tile or DECODE_TILE)
     em1 = jnp.expm1(-slopes.astype(_F32))
     state = _pad_last(state.astype(_F32), dkp, dvp)
     q, k, v = _pad_last(q, dkp), _pad_last(k, dkp), _pad_last(v, dvp)
