@@ -222,7 +222,8 @@ def decode_rows(args, slopes_all, dtype, copy_bps):
             def body(_, carry):
                 st, acc = carry
                 o, st = step(st, q, k, v)
-                return st, acc + o.astype(jnp.float32)
+                # each step's state and output materialised: XLA may not fuse consecutive steps into one pass
+                return jax.lax.optimization_barrier((st, acc + o.astype(jnp.float32)))
 
             # unrolled: the steps run back to back, without a loop condition read between them
             return jax.lax.fori_loop(0, steps, body, (state, jnp.zeros(q.shape, jnp.float32)), unroll=True)
