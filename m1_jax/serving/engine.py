@@ -109,6 +109,7 @@ class _Running:
     decoder: StreamDecoder
     stops: StopStrings
     seeds: tuple[int, int]
+    next_token: int = 0   # the last token sampled: fed at the next decode step
     generated: int = 0
     first_token_at: float | None = None
 
@@ -140,7 +141,7 @@ class Engine:
         S, V = config.slots, cfg.vocab_size
         self.cache = init_cache(cfg, S, self.max_len, dtype=model.dtype, mesh=mesh, round_len=False)
         self.pcache = init_cache(cfg, self.rows, self.max_len, dtype=model.dtype, mesh=mesh, round_len=False)
-        self.logits, self.plogits = self._zeros((S, V), mesh), self._zeros((self.rows, V), mesh)
+        self.plogits = self._zeros((self.rows, V), mesh)
         self.prefix = PrefixCache(self.chunk, config.prefix_cache_bytes)
         self._waiting: collections.deque[Request] = collections.deque()
         self._jobs: list[_Prefill | None] = [None] * self.rows
@@ -205,8 +206,9 @@ class Engine:
             if self._stopping or not self.alive:
                 raise RequestError("the server is shutting down" if self._stopping else
                                    f"the engine stopped: {self.error!r}", status=503, kind="server_error")
-            if len(self._waiting) >= self.config.max_queue:
-                raise QueueFull(len(self._waiting), retry_after=self._retry_after())
+            waiting = sum(not r.cancelled for r in self._waiting)  # cancelled ones leave at the next step
+            if waiting >= self.config.max_queue:
+                raise QueueFull(waiting, retry_after=self._retry_after())
             self._waiting.append(request)
             self._cv.notify_all()
         self._gauge()
@@ -356,49 +358,61 @@ class Engine:
                         self.prefix.put(j.hashes[:k], Entry(*snap))
             if self.metrics is not None:
                 self.metrics.prefilled(int(n_valid.sum()))
-        for i, j in enumerate(self._jobs):
-            if j is not None and j.pos == len(j.request.prompt):
-                self.cache, self.logits = steps.insert(self.cache, self.logits, self.pcache, self.plogits, j.row,
-                                                       j.slot)
-                self._jobs[i] = None
-                self._reserved.discard(j.slot)
-                o = j.request.options
-                self._slots[j.slot] = _Running(j.request, j.slot, j.cached, StreamDecoder(self.tokenizer),
-                                               StopStrings(o.stop), _seed_halves(o.seed))
+        ready = [j for j in self._jobs if j is not None and j.pos == len(j.request.prompt)]
+        if not ready:
+            return
+        runs = {}
+        for j in ready:
+            self._jobs[j.row] = None
+            self._reserved.discard(j.slot)
+            o = j.request.options
+            runs[j.row] = self._slots[j.slot] = _Running(j.request, j.slot, j.cached, StreamDecoder(self.tokenizer),
+                                                         StopStrings(o.stop), _seed_halves(o.seed))
+        # the first token comes from the prompt's last logits, right away
+        self._emit(runs, steps.sample(self.plogits, *self._sampling_rows(runs, self.rows)))
+        for row, run in runs.items():
+            if self._slots[run.slot] is run:  # not ended by its first token
+                self.cache = steps.insert(self.cache, self.pcache, row, run.slot)
 
-    def _decode(self) -> None:
-        S = len(self._slots)
-        active = np.zeros((S,), bool)
-        temperature, top_p = np.zeros((S,), np.float32), np.ones((S,), np.float32)
-        top_k, counters = np.zeros((S,), np.int32), np.zeros((S,), np.int32)
-        seeds = np.zeros((S, 2), np.uint32)
-        for s, run in enumerate(self._slots):
-            if run is not None:
-                o = run.request.options
-                active[s] = True
-                temperature[s], top_p[s], top_k[s] = o.temperature, o.top_p, o.top_k
-                seeds[s], counters[s] = run.seeds, run.generated
-        self.cache, self.logits, tok, lp, top_ids, top_lp = steps.decode_step(
-            self.graphdef, self.params, self.cache, self.logits, jnp.asarray(active), jnp.asarray(temperature),
-            jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seeds), jnp.asarray(counters))
-        want_top = any(r is not None and r.request.options.logprobs for r in self._slots)
+    def _sampling_rows(self, runs: dict, n: int):
+        """Per-row sampling arrays of ``runs`` (row -> _Running) over ``n`` rows."""
+        temperature, top_p = np.zeros((n,), np.float32), np.ones((n,), np.float32)
+        top_k, counters = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
+        seeds = np.zeros((n, 2), np.uint32)
+        for r, run in runs.items():
+            o = run.request.options
+            temperature[r], top_p[r], top_k[r] = o.temperature, o.top_p, o.top_k
+            seeds[r], counters[r] = run.seeds, run.generated
+        return tuple(jnp.asarray(a) for a in (temperature, top_k, top_p, seeds, counters))
+
+    def _emit(self, runs: dict, sampled) -> None:
+        """Hands each run (row -> _Running) its sampled token (from the device outputs ``sampled``)."""
+        tok, lp, top_ids, top_lp = sampled
+        want_top = any(r.request.options.logprobs for r in runs.values())
         tok, lp = jax.device_get((tok, lp))
         if want_top:
             top_ids, top_lp = jax.device_get((top_ids, top_lp))
         now = time.monotonic()
-        produced = 0
-        for s, run in enumerate(self._slots):
-            if run is None:
-                continue
-            produced += 1
-            self._token(run, int(tok[s]), float(lp[s]),
-                        list(zip(top_ids[s].tolist(), top_lp[s].tolist())) if want_top else None, now)
+        for r, run in runs.items():
+            self._token(run, int(tok[r]), float(lp[r]),
+                        list(zip(top_ids[r].tolist(), top_lp[r].tolist())) if want_top else None, now)
         if self.metrics is not None:
-            self.metrics.decoded(produced)
+            self.metrics.decoded(len(runs))
+
+    def _decode(self) -> None:
+        S = len(self._slots)
+        runs = {s: run for s, run in enumerate(self._slots) if run is not None}
+        active, tokens = np.zeros((S,), bool), np.zeros((S,), np.int32)
+        for s, run in runs.items():
+            active[s], tokens[s] = True, run.next_token
+        self.cache, *sampled = steps.decode_step(self.graphdef, self.params, self.cache, jnp.asarray(tokens),
+                                                 jnp.asarray(active), *self._sampling_rows(runs, S))
+        self._emit(runs, sampled)
 
     def _token(self, run: _Running, token: int, logprob: float, top, now: float) -> None:
         req, o = run.request, run.request.options
         run.generated += 1
+        run.next_token = token
         if run.first_token_at is None:
             run.first_token_at = now
             if self.metrics is not None:

@@ -104,6 +104,11 @@ def _common(body: dict, *, max_tokens_default: int | None, context_room, logprob
     top_k = _integer(body, "top_k", 0, -1)
     seed = _integer(body, "seed", None, -(2 ** 63), 2 ** 64 - 1)
     stop = _stop(body)
+    ignore_eos = body.get("ignore_eos", False)  # an extension (vLLM's): generate max_tokens whatever comes
+    if not isinstance(ignore_eos, bool):
+        raise _bad(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
+    if ignore_eos:
+        stop_ids = ()
     include_usage = False
     opts = body.get("stream_options")
     if opts is not None:

@@ -3,10 +3,12 @@
 Two caches live on the device (:mod:`m1_jax.cache` layout):
 
 * the **slots** cache, ``[slots]`` rows of ``max_context`` tokens: one row per running request. Every
-  engine step runs :func:`decode_step` over all slots at once (a free slot feeds nothing).
+  engine step runs :func:`decode_step` over all slots at once: each running request's last token is fed
+  and its next one sampled (a free slot feeds nothing).
 * the **prefill** cache, ``[prefill_rows]`` rows: a request's prompt is fed there chunk by chunk
   (:func:`prefill_chunk`, chunks of a fixed size aligned at multiples of that size from the prompt's
-  start), then copied into its slot (:func:`insert`). The prefix cache snapshots a prefill row at chunk
+  start); the first token is sampled from its last logits (:func:`sample`) and the row is copied into
+  its slot (:func:`insert`). The prefix cache snapshots a prefill row at chunk
   boundaries (:func:`snapshot`) and restores a snapshot into a prefill row (:func:`restore_block`,
   :func:`restore_state`).
 
@@ -39,23 +41,33 @@ def _row_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
     return jax.vmap(one)(seeds, counters)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "logits"))
-def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, logits: jax.Array, active: jax.Array,
-                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
-                counters: jax.Array):
-    """Samples one token per slot from ``logits`` [slots, vocab] and feeds it (active slots with room).
-
-    -> (cache, next logits, tokens int32 [slots], their log-probabilities float32 [slots], top ids int32
-    [slots, TOP_LOGPROBS], top log-probabilities). Log-probabilities are the model's (temperature 1)."""
+def _sample(logits, temperature, top_k, top_p, seeds, counters):
     tok = sample_rows(logits, _row_keys(seeds, counters), temperature, top_k, top_p)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     lp = jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0]
     top_lp, top_ids = lax.top_k(logp, TOP_LOGPROBS)
-    feed = active & (cache.lengths < cache.max_len)
-    out = nnx.merge(graphdef, params).forward(tok[:, None], cache=cache, n_valid=feed.astype(jnp.int32),
+    return tok, lp, top_ids.astype(jnp.int32), top_lp
+
+
+@jax.jit
+def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
+           counters: jax.Array):
+    """One token per row of ``logits`` [rows, vocab] with each row's parameters -> (tokens int32 [rows], their
+    log-probabilities float32 [rows], top ids int32 [rows, TOP_LOGPROBS], top log-probabilities).
+    Log-probabilities are the model's (temperature 1). ``seeds`` uint32 [rows, 2] and ``counters`` (the
+    token's index in its request) make each row's random key."""
+    return _sample(logits, temperature, top_k, top_p, seeds, counters)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens: jax.Array, active: jax.Array,
+                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
+                counters: jax.Array):
+    """Feeds each active slot its last token (``tokens`` [slots]) and samples the next one from the logits
+    -> (cache, :func:`sample`'s four outputs). A free slot feeds nothing."""
+    out = nnx.merge(graphdef, params).forward(tokens[:, None], cache=cache, n_valid=active.astype(jnp.int32),
                                               last_only=True)
-    logits = jnp.where(feed[:, None], out.logits[:, 0], logits)
-    return out.cache, logits, tok, lp, top_ids.astype(jnp.int32), top_lp
+    return (out.cache, *_sample(out.logits[:, 0], temperature, top_k, top_p, seeds, counters))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "logits"))
@@ -75,11 +87,10 @@ def _put_row(dst: jax.Array, piece: jax.Array, row, axis: int) -> jax.Array:
     return lax.dynamic_update_index_in_dim(dst, piece.astype(dst.dtype), row, axis)
 
 
-@functools.partial(jax.jit, donate_argnames=("cache", "logits"))
-def insert(cache: Cache, logits: jax.Array, pcache: Cache, plogits: jax.Array, row, slot):
-    """Copies prefill row ``row`` (state, keys, values, length, last logits) into slot ``slot``."""
-    cache = jax.tree.map(lambda d, s, ax: _put_row(d, _take_row(s, row, ax), slot, ax), cache, pcache, _BATCH_AXIS)
-    return cache, _put_row(logits, _take_row(plogits, row, 0), slot, 0)
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def insert(cache: Cache, pcache: Cache, row, slot) -> Cache:
+    """Copies prefill row ``row`` (lightning states, keys, values, length) into slot ``slot``."""
+    return jax.tree.map(lambda d, s, ax: _put_row(d, _take_row(s, row, ax), slot, ax), cache, pcache, _BATCH_AXIS)
 
 
 @functools.partial(jax.jit, donate_argnames=("pcache",))

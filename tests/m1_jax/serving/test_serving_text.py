@@ -95,11 +95,12 @@ def test_chat_request_checks_name_the_field():
     assert [o.seed for o in p.options] == [5, 6] and p.options[0].max_tokens == 7 and p.options[0].logprobs == 3
     assert p.prompts[0] == tok.encode(chat.render([{"role": "user", "content": "hi"}]))
     assert parse().options[0].max_tokens == 100 - len(p.prompts[0])  # default: to the end of the context
+    assert parse().options[0].stop_token_ids == (258,) and parse(ignore_eos=True).options[0].stop_token_ids == ()
     for body, param in [({"presence_penalty": 0.5}, "presence_penalty"), ({"stop": [""]}, "stop"),
                         ({"tool_choice": "required"}, "tool_choice"), ({"stream": "yes"}, "stream"),
                         ({"stream_options": {"include_usage": True}}, "stream_options"),
                         ({"response_format": {"type": "json_object"}}, "response_format"),
-                        ({"seed": 1.5}, "seed"), ({"messages": []}, "messages")]:
+                        ({"seed": 1.5}, "seed"), ({"ignore_eos": 1}, "ignore_eos"), ({"messages": []}, "messages")]:
         with pytest.raises(RequestError) as e:
             parse(**body)
         assert e.value.param == param and e.value.status == 400
