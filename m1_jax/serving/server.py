@@ -9,9 +9,11 @@ client that goes away cancels its requests, which frees their slots.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import math
+import threading
 from typing import Any, AsyncIterator
 
 import uvicorn
@@ -32,12 +34,39 @@ def error_response(e: RequestError) -> JSONResponse:
                         status_code=e.status, headers=headers)
 
 
+class _Pump:
+    """Hands engine events to the event loop in batches: the engine's thread appends, and one wake-up of the
+    loop per batch (not per token) delivers everything queued since the last one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the event loop is gone: the server is stopping
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, collections.deque()
+            self._scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class _Choices:
     """The engine requests of one HTTP request (one per choice), their events merged into one queue."""
 
-    def __init__(self, engine: Engine, parsed: api.Parsed):
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, engine: Engine, parsed: api.Parsed, pump: _Pump):
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.pump = pump
         self.requests = [Request(p, o, self._sink(i)) for i, (p, o) in enumerate(zip(parsed.prompts, parsed.options))]
         self.open = len(self.requests)
         try:
@@ -49,8 +78,7 @@ class _Choices:
 
     def _sink(self, i: int):
         def put(ev):
-            with contextlib.suppress(RuntimeError):  # the event loop is gone: the server is stopping
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+            self.pump.put(self.queue, (i, ev))
         return put
 
     def cancel(self) -> None:
@@ -74,8 +102,11 @@ def create_app(engine: Engine, model_name: str, tokenizer, *, metrics=None) -> F
     """The FastAPI app serving ``engine`` under ``model_name``; the engine's loop runs while the app does
     and stops (cancelling what is left) when it shuts down."""
 
+    pumps: list[_Pump] = []
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        pumps.append(_Pump(asyncio.get_running_loop()))
         engine.start()
         yield
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
@@ -97,7 +128,7 @@ def create_app(engine: Engine, model_name: str, tokenizer, *, metrics=None) -> F
     async def run(request: HTTPRequest, parse, answer, stream) -> Response:
         try:
             parsed = parse(await body_of(request), tokenizer, room, stop_ids)
-            choices = _Choices(engine, parsed)
+            choices = _Choices(engine, parsed, pumps[-1])
         except RequestError as e:
             return error_response(e)
         if parsed.stream:
