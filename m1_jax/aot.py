@@ -46,6 +46,7 @@ from m1_jax.cache import cache_shapes, cache_shardings, round_max_len
 from m1_jax.config import M1Config
 from m1_jax.flops import step_flops
 from m1_jax.model import M1Model, abstract_model
+from m1_jax.quant.spec import resolve as resolve_quantize
 from m1_jax.rl.objectives import make_objective
 from m1_jax.rl.update import UPDATE_KEYS, UpdateOptions, rl_optimizer_section, update_batch_shardings, update_step_fn
 from m1_jax.run_config import RunConfig
@@ -111,6 +112,7 @@ class AotReport:
     model_flops: float  # m1_jax.flops.step_flops: the step's model FLOPs over all devices
     note: str = ""
     head_dtype: str = ""  # the output head's matmul dtype ("": the compute dtype)
+    quantize: str = ""  # int8 weights (m1_jax.quant): "int8 experts", "int8 experts + attention"; "": none
 
     @property
     def total_bytes(self) -> int:
@@ -139,7 +141,8 @@ class AotReport:
         lines = [
             f"mode            {self.mode} ({shape})",
             f"topology        {self.topology}: {self.devices} devices, mesh {self.mesh}",
-            (f"dtypes          params {self.param_dtype}, compute {self.compute_dtype}, "
+            (f"dtypes          params {self.param_dtype}{' with ' + self.quantize if self.quantize else ''}, "
+             f"compute {self.compute_dtype}, "
              f"head {self.head_dtype or self.compute_dtype}, lightning {self.lightning_impl}"),
             f"compile time    {self.compile_s:.1f} s",
             "per device:",
@@ -223,16 +226,16 @@ def serve_step(cfg: M1Config, mesh, graphdef, params, *, slots: int, context: in
     fed to every slot) lowered for ``slots`` slots of ``context`` tokens -> (lowered, note). The note adds
     what the engine holds beside it: the prefill rows' cache (one row per batch shard)."""
     shapes = cache_shapes(cfg, slots, round_max_len(context), dtype)
-    V = cfg.vocab_size
 
     def rows(dt, *tail):
         shape = (slots, *tail)
-        names = ("batch", "vocab") if tail == (V,) else ("batch",) + (None,) * len(tail)
+        names = ("batch",) + (None,) * len(tail)
         return jax.ShapeDtypeStruct(shape, dt, sharding=sharding.named_sharding(names, mesh, shape))
 
     lowered = serving_steps.decode_step.lower(
-        graphdef, params, _sds(shapes, cache_shardings(shapes, mesh)), rows(jnp.float32, V), rows(jnp.bool_),
-        rows(jnp.float32), rows(jnp.int32), rows(jnp.float32), rows(jnp.uint32, 2), rows(jnp.int32))
+        graphdef, params, _sds(shapes, cache_shardings(shapes, mesh)), rows(jnp.int32), rows(jnp.int32),
+        rows(jnp.bool_), rows(jnp.bool_), rows(jnp.float32), rows(jnp.int32), rows(jnp.float32), rows(jnp.uint32, 2),
+        rows(jnp.int32))
     prefill_rows = sharding.axis_size(mesh, sharding.BATCH_AXES)
     pshapes = cache_shapes(cfg, prefill_rows, shapes.max_len, dtype)
     per_device = sum(math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize for a, sh in
@@ -284,7 +287,7 @@ def rl_note(update: UpdateOptions) -> str:
 def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int = 1, seq_len: int = 8192,
          context: int = 1 << 20, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
          lightning_impl: str = "auto", remat: str = "none", run: RunConfig | None = None,
-         update: UpdateOptions | None = None) -> AotReport:
+         update: UpdateOptions | None = None, quantize=None) -> AotReport:
     """Compiles ``mode`` for ``topology`` and returns the per-device report.
 
     ``run`` (train mode): the run config whose optimizer and step options (micro-batches, z-loss) the
@@ -292,9 +295,13 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
     ``remat`` overrides its ``model.remat``; its ``model.head_dtype`` sets the output head's matmul dtype (every
     mode; "auto": the compute dtype). ``update`` (rl mode): the update's objective (with its options,
     e.g. ``{"kl_coef": 0.01}``) and micro-batches, default :class:`m1_jax.rl.update.UpdateOptions`;
-    ``remat`` overrides its ``remat``. ``seq_len`` is then the prompt + response length of a row."""
+    ``remat`` overrides its ``remat``. ``seq_len`` is then the prompt + response length of a row.
+    ``quantize``: int8 weights (``"int8"`` or a :class:`m1_jax.quant.QuantConfig`) for the inference modes."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    quantize = resolve_quantize(quantize)
+    if quantize is not None and mode in ("train", "rl"):
+        raise ValueError(f"int8 weights are for inference: --quantize does not apply to --mode {mode}")
     update = dataclasses.replace(update or UpdateOptions(), remat=remat)
     if mode == "rl":
         m = update.micro_batches
@@ -307,7 +314,7 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
     sharding.check_batch(batch, mesh)
     run = run_for_plan(run, remat)
     model_kw = {**train.model_options(run), "param_dtype": param_dtype, "dtype": dtype,
-                "lightning_impl": lightning_impl}
+                "lightning_impl": lightning_impl, "quantize": quantize}
     t0 = time.perf_counter()
     with tpu_target():
         lowered, note = lower_step(cfg, mesh, mode, batch=batch, seq_len=seq_len, context=context, model_kw=model_kw,
@@ -331,4 +338,5 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
         model_flops=step_flops(cfg, {"rl": "train", "serve": "decode"}.get(mode, mode), batch=batch, seq_len=seq_len,
                                context=context),
         note=note if remat == "none" else f"remat {remat}; {note}".rstrip("; "),
-        head_dtype=jnp.dtype(model_kw.get("head_dtype") or dtype).name)
+        head_dtype=jnp.dtype(model_kw.get("head_dtype") or dtype).name,
+        quantize="" if quantize is None else "int8 experts" + (" + attention" if quantize.attention else ""))

@@ -150,6 +150,8 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._inflight: tuple | None = None  # (runs by slot, device outputs) of the decode step not yet read
+        self._sampled = jnp.zeros((S,), jnp.int32)  # the tokens the last decode step sampled (on the device)
         self.error: BaseException | None = None
         self._finish_times: collections.deque[float] = collections.deque(maxlen=64)
         self.steps = 0
@@ -266,15 +268,22 @@ class Engine:
             self._abort_all(None if self.error is None else f"the engine stopped: {self.error!r}")
 
     def _busy(self) -> bool:
-        return any(j is not None for j in self._jobs) or any(r is not None for r in self._slots)
+        return (any(j is not None for j in self._jobs) or any(r is not None for r in self._slots)
+                or self._inflight is not None)
 
     def _iteration(self) -> None:
         self._drop_cancelled()
         self._admit()
         if any(j is not None for j in self._jobs):
             self._prefill()
+        # the next decode step is dispatched before the last one's tokens are read back: the device computes
+        # step k + 1 while the host hands out the tokens of step k (its tokens never leave the device to
+        # be fed); a request that ended at step k wasted one row of step k + 1, which is dropped
+        done, self._inflight = self._inflight, None
         if any(r is not None for r in self._slots):
-            self._decode()
+            self._dispatch(done)
+        if done is not None:
+            self._emit(*done)
         self.steps += 1
         self._gauge()
 
@@ -374,15 +383,17 @@ class Engine:
             if self._slots[run.slot] is run:  # not ended by its first token
                 self.cache = steps.insert(self.cache, self.pcache, row, run.slot)
 
-    def _sampling_rows(self, runs: dict, n: int):
-        """Per-row sampling arrays of ``runs`` (row -> _Running) over ``n`` rows."""
+    def _sampling_rows(self, runs: dict, n: int, index: dict | None = None):
+        """Per-row sampling arrays of ``runs`` (row -> _Running) over ``n`` rows; ``index``: the index of the
+        token each row samples (default: the number of tokens it has)."""
         temperature, top_p = np.zeros((n,), np.float32), np.ones((n,), np.float32)
         top_k, counters = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
         seeds = np.zeros((n, 2), np.uint32)
         for r, run in runs.items():
             o = run.request.options
             temperature[r], top_p[r], top_k[r] = o.temperature, o.top_p, o.top_k
-            seeds[r], counters[r] = run.seeds, run.generated
+            seeds[r] = run.seeds
+            counters[r] = run.generated if index is None else index[r]
         return tuple(jnp.asarray(a) for a in (temperature, top_k, top_p, seeds, counters))
 
     def _emit(self, runs: dict, sampled) -> None:
@@ -393,21 +404,33 @@ class Engine:
         if want_top:
             top_ids, top_lp = jax.device_get((top_ids, top_lp))
         now = time.monotonic()
+        runs = {r: run for r, run in runs.items() if self._slots[run.slot] is run}  # ended or cancelled since
         for r, run in runs.items():
             self._token(run, int(tok[r]), float(lp[r]),
                         list(zip(top_ids[r].tolist(), top_lp[r].tolist())) if want_top else None, now)
         if self.metrics is not None:
             self.metrics.decoded(len(runs))
 
-    def _decode(self) -> None:
+    def _dispatch(self, previous: tuple | None) -> None:
+        """Starts a decode step over the running slots (not waiting for it). A run that was in the previous
+        step feeds the token that step sampled, still on the device; a run fresh from its prefill feeds its
+        first token."""
         S = len(self._slots)
+        last = previous[0] if previous is not None else {}
         runs = {s: run for s, run in enumerate(self._slots) if run is not None}
-        active, tokens = np.zeros((S,), bool), np.zeros((S,), np.int32)
+        active, tokens, chained = np.zeros((S,), bool), np.zeros((S,), np.int32), np.zeros((S,), bool)
+        counters = {}
         for s, run in runs.items():
-            active[s], tokens[s] = True, run.next_token
-        self.cache, *sampled = steps.decode_step(self.graphdef, self.params, self.cache, jnp.asarray(tokens),
-                                                 jnp.asarray(active), *self._sampling_rows(runs, S))
-        self._emit(runs, sampled)
+            active[s] = True
+            chained[s] = last.get(s) is run
+            tokens[s] = run.next_token
+            counters[s] = run.generated + int(chained[s])  # the index of the token this step samples
+        temperature, top_k, top_p, seeds, count = self._sampling_rows(runs, S, counters)
+        self.cache, *sampled = steps.decode_step(
+            self.graphdef, self.params, self.cache, jnp.asarray(tokens), self._sampled, jnp.asarray(chained),
+            jnp.asarray(active), temperature, top_k, top_p, seeds, count)
+        self._sampled = sampled[0]
+        self._inflight = (runs, sampled)
 
     def _token(self, run: _Running, token: int, logprob: float, top, now: float) -> None:
         req, o = run.request, run.request.options

@@ -60,12 +60,16 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens: jax.Array, active: jax.Array,
-                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
-                counters: jax.Array):
-    """Feeds each active slot its last token (``tokens`` [slots]) and samples the next one from the logits
-    -> (cache, :func:`sample`'s four outputs). A free slot feeds nothing."""
-    out = nnx.merge(graphdef, params).forward(tokens[:, None], cache=cache, n_valid=active.astype(jnp.int32),
+def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens: jax.Array, previous: jax.Array,
+                chained: jax.Array, active: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                seeds: jax.Array, counters: jax.Array):
+    """Feeds each active slot its last token and samples the next one from the logits -> (cache,
+    :func:`sample`'s four outputs). The last token is ``previous`` [slots] (what the previous step sampled,
+    still on the device) where ``chained``, else ``tokens`` [slots]. A free slot, or one whose cache is full,
+    feeds nothing."""
+    feed = active & (cache.lengths < cache.max_len)
+    tokens = jnp.where(chained, previous, tokens)
+    out = nnx.merge(graphdef, params).forward(tokens[:, None], cache=cache, n_valid=feed.astype(jnp.int32),
                                               last_only=True)
     return (out.cache, *_sample(out.logits[:, 0], temperature, top_k, top_p, seeds, counters))
 
