@@ -10,6 +10,11 @@ A converted directory already holds the model's own state layout: Orbax restores
 model (:func:`restore_model`); with a mesh, every parameter is read directly into its shards
 (:mod:`m1_jax.sharding` rules), so no host holds a whole parameter. A training checkpoint holds the
 train state of ``(model, optimizer)``: only the model's parameters are restored, the same way.
+
+``quantize="int8"`` (:mod:`m1_jax.quant`): a directory converted with ``m1 convert --quantize int8`` is
+restored as it is stored (int8 weights and their scales read straight into their shards); any other
+checkpoint is loaded in its own dtype and each weight is then quantized on the devices, one at a time
+(:func:`m1_jax.quant.weights.quantize_model`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from m1_jax.checkpoint_io.plan import plan_checkpoint
 from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
 from m1_jax.config import M1Config
 from m1_jax.model import M1Model, abstract_model
+from m1_jax.quant.spec import QuantConfig, QuantizeError
+from m1_jax.quant.spec import resolve as resolve_quantize
+from m1_jax.quant.weights import quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -101,31 +109,39 @@ def restore_state(path: str, cfg: M1Config, abstract: M1Model, mesh=None) -> nnx
 
 
 def restore_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, mesh=None,
-                  require_complete: bool = True, verify: bool = False, **model_kw) -> M1Model:
+                  require_complete: bool = True, verify: bool = False, quantize=None, **model_kw) -> M1Model:
     """Loads a directory written by ``m1 convert``. ``param_dtype`` defaults to the converted dtype;
     ``require_complete=False`` also reads an unfinished conversion (``m1 convert --verify`` does, before
     the directory is marked complete).
 
     Every chunk file must be present at its size (a damaged one is named); ``verify`` also compares
-    every array with the CRC-32C checksums the conversion recorded (reading the checkpoint once more)."""
+    every array with the CRC-32C checksums the conversion recorded (reading the checkpoint once more).
+    ``quantize``: see :func:`from_pretrained` (a directory stored in int8 is restored so whatever it says,
+    unless it asks for other int8 weights than stored)."""
     path, mesh = os.fspath(path), sharding.as_mesh(mesh)
     record = mf.check_loadable(path) if require_complete else mf.read_record(path)
+    stored = QuantConfig.from_dict(record.get("quantize"))
+    quantize = resolve_quantize(quantize)
+    if stored is not None and quantize is not None and quantize != stored:
+        raise QuantizeError(f"{path}: its weights are stored in int8 as {stored}; quantize={quantize} asks for "
+                            "other int8 weights (convert the source again with those options)")
     cfg = M1Config.from_json(os.path.join(path, "config.json"))
     state_dir = os.path.join(path, mf.STATE_DIR)
     meta = ow.read_metadata(state_dir)
-    integrity.check_chunk_files(state_dir, integrity.param_names(cfg), meta)
+    integrity.check_chunk_files(state_dir, integrity.param_names(cfg, stored), meta)
     if verify:
         integrity.check_checksums(path, cfg, meta)
     param_dtype = jnp.dtype(record["dtype"]) if param_dtype is None else param_dtype
-    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **model_kw)
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, quantize=stored, **model_kw)
     graphdef, _ = nnx.split(abstract)
     model = nnx.merge(graphdef, restore_state(path, cfg, abstract, mesh))
     if mesh is not None:
         model.mesh = mesh
-    return model
+    return model if stored is not None or quantize is None else quantize_model(model, quantize)
 
 
-def restore_trained(ckpt: Checkpoint, *, dtype=jnp.float32, param_dtype=None, mesh=None, **model_kw) -> M1Model:
+def restore_trained(ckpt: Checkpoint, *, dtype=jnp.float32, param_dtype=None, mesh=None, quantize=None,
+                    **model_kw) -> M1Model:
     """The model of a training checkpoint (:func:`m1_jax.checkpoint_io.locate.locate`): only its
     parameters are read (Orbax partial restore of the train state's model subtree; the optimizer
     moments stay on disk), straight into their shardings on ``mesh`` when given.
@@ -148,11 +164,16 @@ def restore_trained(ckpt: Checkpoint, *, dtype=jnp.float32, param_dtype=None, me
     nnx.replace_by_pure_dict(state, restored[MODEL_ITEM])
     model = nnx.merge(graphdef, state)
     model.mesh = mesh
-    return model
+    return _quantized(model, quantize)
+
+
+def _quantized(model: M1Model, quantize) -> M1Model:
+    quantize = resolve_quantize(quantize)
+    return model if quantize is None else quantize_model(model, quantize)
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, progress: bool = False,
-                    mesh=None, verify: bool = False, **model_kw) -> M1Model:
+                    mesh=None, verify: bool = False, quantize=None, **model_kw) -> M1Model:
     """Loads a MiniMax-M1 checkpoint into an :class:`M1Model`: a Hugging Face directory (config.json +
     safetensors, single file or sharded, original or transformers-5 key names), a directory written by
     ``m1 convert`` (restored by Orbax, :func:`restore_model`), or a checkpoint that ``m1 train`` saved:
@@ -167,13 +188,20 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
     record none; every kind's files are checked for presence and size as they are read). Other
     keyword arguments go to :class:`M1Model` (``moe_impl``, ``head_dtype``: e.g.
     ``jnp.float32`` for a float32 output head on a bf16 model, ...).
+
+    ``quantize``: ``"int8"`` (the experts' weights in int8, per output channel) or a
+    :class:`m1_jax.quant.QuantConfig` (``QuantConfig(attention=True)``: the attention projections too);
+    a bf16 / float32 checkpoint is quantized as it loads (module docstring), one converted with
+    ``m1 convert --quantize int8`` is read in int8 (and is so without this argument too).
     """
+    quantize = resolve_quantize(quantize)  # a bad value fails before anything is read
     found = locate(path)
     if found.kind == CONVERTED:  # an `m1 convert` output: Orbax restores it straight into the model's layout
         return restore_model(found.directory, dtype=dtype, param_dtype=param_dtype, mesh=mesh, verify=verify,
-                             **model_kw)
+                             quantize=quantize, **model_kw)
     if found.kind == TRAINING:
-        return restore_trained(found, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **model_kw)
+        return restore_trained(found, dtype=dtype, param_dtype=param_dtype, mesh=mesh, quantize=quantize,
+                               **model_kw)
     path = found.directory
     cfg = M1Config.from_json(os.path.join(path, "config.json"))
     ckpt = SafetensorsCheckpoint(path)
@@ -194,4 +222,4 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
                           else jnp.asarray(buf))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     model.mesh = mesh
-    return model
+    return _quantized(model, quantize)

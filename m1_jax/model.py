@@ -21,6 +21,7 @@ from m1_jax.config import LINEAR, M1Config
 from m1_jax.layers.common import param
 from m1_jax.layers.decoder import Period
 from m1_jax.layers.norms import RMSNorm, rms_normalize
+from m1_jax.quant.spec import resolve as resolve_quantize
 from pallas_kernels.lightning import m1_slopes
 
 
@@ -84,19 +85,25 @@ class M1Model(nnx.Module):
     the head weight); ``None`` is the compute dtype. ``jnp.float32`` runs the norm and the head in full float32 (highest matmul
     precision on every backend) on top of a bf16 model, as the MiniMax-M1 report does in RL so that the
     sampler's and the trainer's log-probs agree. The logits are float32 either way.
+
+    ``quantize``: ``"int8"`` or a :class:`m1_jax.quant.QuantConfig`: the experts' weights (and with
+    ``QuantConfig(attention=True)`` the attention projections) stored in int8 with per-output-channel scales
+    (:mod:`m1_jax.quant`); ``m1_jax.quant.quantize_model`` quantizes a model's weights.
     """
 
     def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  moe_impl: str = "auto", lightning_impl: str = "auto", scan_layers: bool = True,
-                 head_dtype=None):
+                 head_dtype=None, quantize=None):
         self.cfg = cfg
+        self.quantize = resolve_quantize(quantize)
         self.dtype = dtype
         self.head_dtype = None if head_dtype is None else _floating_dtype(head_dtype)
         self.scan_layers = scan_layers
         self.mesh = None  # a jax.sharding.Mesh once placed with m1_jax.sharding.shard_model / from_pretrained(mesh=)
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = param(rngs, (V, D), ("vocab", "embed"), dtype=param_dtype, std=cfg.initializer_range)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl, lightning_impl=lightning_impl)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl, lightning_impl=lightning_impl,
+                  quantize=self.quantize)
 
         @nnx.split_rngs(splits=cfg.num_periods)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

@@ -23,6 +23,8 @@ from m1_jax.checkpoint_io import orbax_layout as ow
 from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.checkpoint_io.plan import stack_dims
 from m1_jax.config import M1Config
+from m1_jax.quant.layout import stored_arrays
+from m1_jax.quant.spec import QuantConfig, scale_path
 
 DAMAGED = "the checkpoint is damaged: convert the source again"
 
@@ -38,9 +40,10 @@ class Region:
     crc: int
 
 
-def param_names(cfg: M1Config) -> dict[tuple, str]:
-    """Flat parameter path -> the Orbax name of its array in a converted directory."""
-    return {p: ow.param_name(p) for p in key_table.param_layout(cfg)}
+def param_names(cfg: M1Config, quantize: QuantConfig | None = None) -> dict[tuple, str]:
+    """Flat parameter path -> the Orbax name of its array in a converted directory (with ``quantize``, the
+    one ``m1 convert --quantize`` wrote: the scales' arrays too, :mod:`m1_jax.quant`)."""
+    return {p: ow.param_name(p) for p in stored_arrays(cfg, np.float32, quantize)}
 
 
 def check_chunk_files(state_dir: str, names: dict[tuple, str], meta: dict) -> None:
@@ -136,13 +139,14 @@ class ChecksumTracker:
             raise RuntimeError(f"{len(left)} recorded regions were not checked, e.g. {left[0]}")
 
 
-def region_checksum(array, slot: tuple[int, ...], max_bytes: int = ow.CHUNK_BYTES) -> int:
-    """CRC-32C of ``array[slot]`` (a TensorStore array) in C order, read at most ``max_bytes`` at a time."""
+def region_checksum(array, slot: tuple[int, ...], max_bytes: int = ow.CHUNK_BYTES, crc: int = 0) -> int:
+    """CRC-32C of ``array[slot]`` (a TensorStore array) in C order, read at most ``max_bytes`` at a time,
+    continuing ``crc``."""
     shape = tuple(array.shape)[len(slot):]
     if not shape:
-        return mf.checksum(array[slot].read().result())
+        return mf.checksum(array[slot].read().result(), crc)
     row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(array.dtype.numpy_dtype).itemsize
-    step, crc = max(1, max_bytes // max(row, 1)), 0
+    step = max(1, max_bytes // max(row, 1))
     for a in range(0, shape[0], step):
         crc = mf.checksum(array[slot + (slice(a, min(a + step, shape[0])),)].read().result(), crc)
     return crc
@@ -150,14 +154,17 @@ def region_checksum(array, slot: tuple[int, ...], max_bytes: int = ow.CHUNK_BYTE
 
 def check_checksums(ckpt_dir: str, cfg: M1Config, meta: dict | None = None, *, progress: bool = False) -> int:
     """Reads every recorded region of the converted directory ``ckpt_dir`` back and compares its
-    checksum with the record; returns the number of regions checked."""
+    checksum with the record; returns the number of regions checked. An int8 weight's region is its values
+    and then its scales (what ``m1 convert --quantize`` recorded)."""
     state_dir = os.path.join(ckpt_dir, mf.STATE_DIR)
     meta = ow.read_metadata(state_dir) if meta is None else meta
-    names = param_names(cfg)
+    names = param_names(cfg, QuantConfig.from_dict((mf.read_record(ckpt_dir) or {}).get("quantize")))
     regions = recorded_regions(ckpt_dir, cfg)
     arrays = {p: ow.open_array(state_dir, n, meta) for p, n in names.items()}
     for r in tqdm(regions.values(), desc="verify", unit="tensor", disable=not progress):
         got = region_checksum(arrays[r.path], r.slot)
+        if scale_path(r.path) in arrays:
+            got = region_checksum(arrays[scale_path(r.path)], r.slot, crc=got)
         if got != r.crc:
             raise _mismatch(state_dir, names[r.path], r, got)
     return len(regions)

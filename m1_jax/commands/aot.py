@@ -7,6 +7,7 @@ import json
 
 import jax.numpy as jnp
 
+from m1_jax.quant.options import add_quantize_arguments, quantize_option
 from m1_jax.rl.objectives import OBJECTIVES
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -44,6 +45,8 @@ def add_arguments(p):
                    help="lightning attention: auto = the Pallas TPU kernels")
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none",
                    help="train / rl: rematerialise each layer period in the backward pass (jax.checkpoint policy)")
+    add_quantize_arguments(p, "inference modes: the experts' weights in int8 with per-output-channel scales "
+                              "(docs/quantization.md)")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     p.epilog = ("Exit status 1 when the plan does not fit the chips' HBM; the report then names the nearest "
                 "topology / mesh that would fit by an estimate.")
@@ -82,7 +85,8 @@ def run(args) -> int:
     try:
         report = aot.plan(cfg, args.topology, args.mesh, args.mode, batch=batch, seq_len=args.seq_len,
                           context=args.context, param_dtype=param_dtype, dtype=DTYPES[args.dtype],
-                          lightning_impl=args.lightning_impl, remat=args.remat, run=run_config, update=update)
+                          lightning_impl=args.lightning_impl, remat=args.remat, run=run_config, update=update,
+                          quantize=quantize_option(args))
     except jax.errors.JaxRuntimeError as e:  # XLA refuses a program larger than the HBM: say by how much
         from m1_jax.aot_fit import hbm_shortfall
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from m1_jax.checkpoint_io.errors import CheckpointError
+from m1_jax.quant.options import add_quantize_arguments, quantize_option
 
 
 def add_arguments(p):
@@ -13,6 +14,8 @@ def add_arguments(p):
     p.add_argument("dst", help="output directory (Orbax checkpoint + config.json + tokenizer files)")
     p.add_argument("--dtype", choices=("bf16", "fp32", "keep"), default="keep",
                    help="parameter dtype of the output (router gates stay float32); keep: as stored")
+    add_quantize_arguments(p, "write the experts' weights as int8 values + float32 per-output-channel scales "
+                              "(docs/quantization.md)")
     p.add_argument("--mesh", default=None,
                    help="mesh spec like 'fsdp=-1,tensor=4': --verify restores onto this mesh")
     p.add_argument("--resume", action="store_true", help="finish an interrupted conversion into DST")
@@ -37,6 +40,6 @@ def run(args) -> int:
 
         mesh = sharding.make_mesh(args.mesh)
     summary = convert(args.src, args.dst, dtype=args.dtype, resume=args.resume, verify=args.verify, mesh=mesh,
-                      progress=not args.no_progress, workers=args.workers)
+                      progress=not args.no_progress, workers=args.workers, quantize=quantize_option(args))
     print(json.dumps(summary))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from m1_jax.quant.options import add_quantize_arguments, quantize_option
 from m1_jax.sampling import SamplingArgumentError, SamplingParams
 
 CHECKPOINT_HELP = ("checkpoint directory: Hugging Face (config.json + safetensors), an 'm1 convert' output "
@@ -28,6 +29,7 @@ def add_checkpoint_options(p):
     p.add_argument("--verify", action="store_true",
                    help="check every array of an 'm1 convert' output against the checksums its conversion "
                         "recorded before using it (reads the checkpoint once more)")
+    add_quantize_arguments(p)
 
 
 def add_sampling_arguments(p, max_new_tokens: int):
@@ -84,4 +86,4 @@ def load_model(args, mesh=None):
     from m1_jax.loading import from_pretrained
 
     return from_pretrained(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-                           verify=args.verify, mesh=mesh)
+                           verify=args.verify, mesh=mesh, quantize=quantize_option(args))

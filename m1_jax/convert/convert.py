@@ -37,8 +37,9 @@ from m1_jax.checkpoint_io.buffers import PAGE, BufferPool
 from m1_jax.checkpoint_io.errors import CheckpointError, is_disk_full
 from m1_jax.checkpoint_io.sources import open_source
 from m1_jax.config import M1Config
-from m1_jax.convert.layout import TOKENIZER_FILES, plan_all, slot_pieces, targets
+from m1_jax.convert.layout import TOKENIZER_FILES, plan_all, quantized_slots, slot_pieces, targets
 from m1_jax.convert.verify import verify_conversion
+from m1_jax.quant.spec import resolve as resolve_quantize
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,17 @@ def write_tensor(arrays, tgts, key: str, placements, x: np.ndarray, writer: ow.C
     for pl in placements:
         t, crc = tgts[pl.path], 0
         arr = arrays[pl.path]
+        if t.contracted is not None:  # int8: the values of each slot, then its scales (one checksum over both)
+            scales = []
+            for slot, q, s in quantized_slots(pl, x, t):
+                arr[slot].write(q).result()
+                crc = mf.checksum(q, crc)
+                scales.append((slot, s))
+            for slot, s in scales:
+                arrays[t.scale][slot].write(s).result()
+                crc = mf.checksum(s, crc)
+            crcs.append(crc)
+            continue
         for index, piece in slot_pieces(pl, x, t, out_for):
             crc = mf.checksum(piece, crc)
             if len(pl.slot) == t.stack_dims and len(t.shape) > t.stack_dims:  # piece == one chunk
@@ -186,11 +198,16 @@ def _write_all(src, arrays, tgts, todo, manifest, workers: int, bar, n_jobs: int
 
 
 def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = False, verify: bool = False,
-            mesh=None, progress: bool = True, workers: int | None = None) -> dict:
+            mesh=None, progress: bool = True, workers: int | None = None, quantize=None) -> dict:
     """Converts ``src_path`` to ``dst``; returns a summary (tensors, bytes, dtype, verification).
 
     ``workers``: threads converting tensors side by side (default: :func:`default_workers`).
+    ``quantize``: ``"int8"`` or a :class:`m1_jax.quant.QuantConfig`: the experts' weights (and the attention
+    projections if it says so) written as int8 values and float32 per-output-channel scales
+    (:mod:`m1_jax.quant`); each such weight is quantized whole, one expert at a time, so a worker holds
+    one expert's weight in float32 besides its buffers.
     """
+    qc = resolve_quantize(quantize)
     if workers is not None and workers < 1:
         raise CheckpointError(f"workers={workers}: expected a positive number of threads")
     src_path, dst = os.fspath(src_path), os.fspath(dst)
@@ -199,9 +216,11 @@ def convert(src_path: str, dst: str, *, dtype: str = "keep", resume: bool = Fals
     src.readahead(STARTUP_READAHEAD_BYTES)  # the device reads while the plan is checked
     gc.freeze()  # the imported modules' objects: the collector need not scan them again and again
     dtype_name = resolve_dtype(dtype, cfg, src)
-    tgts = targets(cfg, dtype_name)
+    tgts = targets(cfg, dtype_name, qc)
     jobs = plan_all(cfg, src, tgts)  # every bad input fails here, before DST is touched
     record = mf.make_record(cfg, src, src_path, dtype_name)
+    if qc is not None:
+        record["quantize"] = qc.to_dict()
     prepare_destination(dst, record, resume)
     try:
         return _convert_into(dst, src, src_path, cfg, tgts, jobs, record, verify=verify, mesh=mesh,
@@ -241,6 +260,8 @@ def _convert_into(dst: str, src, src_path: str, cfg: M1Config, tgts, jobs, recor
         manifest.close(failed=failed)  # records what finished; a second failure does not hide the first
     ow.write_metadata(state_dir, ow.param_entries({p: t.shape for p, t in tgts.items()}))
     summary = {"tensors": len(jobs), "bytes": sum(sizes.values()), "dtype": record["dtype"], "dst": dst}
+    if "quantize" in record:
+        summary["quantize"] = record["quantize"]
     if verify:
         summary["verify"] = verify_conversion(src_path, dst, mesh=mesh, progress=progress)
     mf.sync_filesystem(state_dir)

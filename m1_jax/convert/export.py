@@ -83,7 +83,9 @@ def _source(ckpt: str):
     tokenizer files)`` of an ``m1 convert`` output or an ``m1 train`` checkpoint."""
     src = locate(ckpt)
     if src.kind == CONVERTED:
-        mf.check_loadable(src.directory)
+        if (mf.check_loadable(src.directory) or {}).get("quantize"):
+            raise CheckpointError(f"{ckpt}: its weights are stored in int8 (m1 convert --quantize int8); m1 export "
+                                  "writes the full-precision weights of a conversion made without --quantize")
         cfg = src.config()
         names = integrity.param_names(cfg)
         meta = ow.read_metadata(src.state_dir)

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from m1_jax.checkpoint_io import keys as key_table
 from m1_jax.checkpoint_io import orbax_layout as ow
-from m1_jax.checkpoint_io.plan import plan_checkpoint, stack_dims
+from m1_jax.checkpoint_io.plan import plan_checkpoint
 from m1_jax.config import M1Config
 from m1_jax.convert.transpose import contiguous_into
+from m1_jax.quant.layout import contracted_axes, stored_arrays
+from m1_jax.quant.spec import QuantConfig, quantize, scale_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -23,24 +24,39 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass(frozen=True)
 class Target:
-    """One output parameter: its Orbax name, shape, dtype, chunking and number of stacked axes."""
+    """One output array: its Orbax name, shape, dtype, chunking and number of stacked axes; for an int8 weight
+    (:mod:`m1_jax.quant`) the axes its matmul contracts and the path of its scales' array."""
 
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
     chunks: tuple[int, ...]
     stack_dims: int
+    contracted: int | None = None
+    scale: tuple | None = None
 
 
-def targets(cfg: M1Config, param_dtype) -> dict[tuple, Target]:
-    """Flat NNX path -> :class:`Target`, for every parameter of the model (:func:`keys.param_layout`)."""
-    stack = stack_dims(cfg)
+def targets(cfg: M1Config, param_dtype, quantize: QuantConfig | None = None) -> dict[tuple, Target]:
+    """Flat NNX path -> :class:`Target`, for every array of the model's state
+    (:func:`m1_jax.quant.layout.stored_arrays`: the parameters, and the scales of int8 weights)."""
     out = {}
-    for path, (shape, fp32) in key_table.param_layout(cfg).items():
-        dtype = np.dtype(np.float32) if fp32 else np.dtype(param_dtype)
-        n = stack.get(path, 0)
-        out[path] = Target(ow.param_name(path), shape, dtype, ow.chunk_shape(shape, n, dtype.itemsize), n)
+    for path, (shape, dtype, n) in stored_arrays(cfg, param_dtype, quantize).items():
+        c = contracted_axes(path, quantize)
+        out[path] = Target(ow.param_name(path), shape, dtype, ow.chunk_shape(shape, n, dtype.itemsize), n, c,
+                           None if c is None else scale_path(path))
     return out
+
+
+def quantized_slots(pl, x: np.ndarray, t: Target):
+    """``(slot, int8 values, float32 scales)`` of tensor ``x`` placed by ``pl`` into the int8 weight ``t``, one
+    slot (one expert's or one layer's weight) at a time: each is quantized whole (its scales need every
+    contracted row), so it exists once in float32 while it is converted."""
+    y = pl.layout(x)
+    inner = t.stack_dims - len(pl.slot)  # stacked axes inside the source tensor (all experts of a layer)
+    shape = t.shape[t.stack_dims:]
+    for u in np.ndindex(*t.shape[len(pl.slot):t.stack_dims]) if inner else [()]:
+        q, s = quantize(np.ascontiguousarray(y[u] if u else y, dtype=np.float32).reshape(shape), 0, t.contracted)
+        yield pl.slot + u, q, s
 
 
 def plan_all(cfg: M1Config, src, tgts: dict[tuple, Target]) -> list[tuple[str, list]]:

@@ -19,7 +19,8 @@ from m1_jax.checkpoint_io import orbax_layout as ow
 from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.checkpoint_io.sources import open_source
 from m1_jax.config import M1Config, param_counts
-from m1_jax.convert.layout import plan_all, slot_pieces, targets
+from m1_jax.convert.layout import plan_all, quantized_slots, slot_pieces, targets
+from m1_jax.quant.spec import QuantConfig
 
 LOGITS_MAX_PARAMS = 50_000_000
 LOGITS_ATOL = 1e-4
@@ -35,7 +36,7 @@ def verify_conversion(src_path: str, dst: str, *, mesh=None, progress: bool = Tr
     cfg = M1Config.from_json(os.path.join(src_path, "config.json"))
     record = mf.read_record(dst)
     src = open_source(src_path)
-    tgts = targets(cfg, record["dtype"])
+    tgts = targets(cfg, record["dtype"], QuantConfig.from_dict(record.get("quantize")))
     jobs = plan_all(cfg, src, tgts)
     manifest = mf.Manifest(dst)
     state_dir = os.path.join(dst, mf.STATE_DIR)
@@ -47,9 +48,15 @@ def verify_conversion(src_path: str, dst: str, *, mesh=None, progress: bool = Tr
         x = src.read(key)
         for pl, recorded in zip(placements, manifest.done[key]):
             want = got = 0
-            for index, piece in slot_pieces(pl, x, tgts[pl.path]):
+            t = tgts[pl.path]
+            if t.contracted is None:
+                pieces = [(pl.path, index, piece) for index, piece in slot_pieces(pl, x, t)]
+            else:  # int8: each slot's values, then each slot's scales (the writer's order)
+                slots = list(quantized_slots(pl, x, t))
+                pieces = [(pl.path, slot, q) for slot, q, _ in slots] + [(t.scale, slot, s) for slot, _, s in slots]
+            for path, index, piece in pieces:
                 want = mf.checksum(piece, want)
-                got = mf.checksum(arrays[pl.path][index].read().result(), got)
+                got = mf.checksum(arrays[path][index].read().result(), got)
             if not want == got == recorded:
                 raise VerificationError(f"{dst}: '{key}' -> {'.'.join(map(str, pl.path))}{list(pl.slot)}: "
                                         f"checksum {got:08x} read back, {want:08x} from the source, "
@@ -68,6 +75,7 @@ def _compare_logits(cfg: M1Config, src, dst: str, record: dict, mesh) -> float:
 
     from m1_jax.loading import load_state, restore_model
     from m1_jax.model import abstract_model
+    from m1_jax.quant.weights import quantize_model
 
     param_dtype = jnp.dtype(record["dtype"])
     abstract = abstract_model(cfg, param_dtype=param_dtype)
@@ -78,6 +86,9 @@ def _compare_logits(cfg: M1Config, src, dst: str, record: dict, mesh) -> float:
     for p, var in flat:
         var.set_value(jax.device_put(buffers.pop(p), device))
     reference = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    stored = QuantConfig.from_dict(record.get("quantize"))
+    if stored is not None:  # the source quantized on the device: the same int8 values and scales, bit for bit
+        reference = quantize_model(reference, stored)
     restored = restore_model(dst, mesh=mesh, require_complete=False)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 19), dtype=np.int32))
     if mesh is None:  # one compilation serves both models

@@ -20,9 +20,10 @@ from m1_jax.cache import CacheStep
 from m1_jax.config import M1Config
 from m1_jax.layers.blockwise import blockwise_attention, key_block
 from m1_jax.layers.causal_tiles import tiled_causal_attention
-from m1_jax.layers.common import matmul, param
+from m1_jax.layers.common import matmul, weight, weights_of
 from m1_jax.layers.rope import apply_rope
 from m1_jax.layers.splash import log_fallback, splash_attention, unsupported_reason
+from m1_jax.quant.spec import QuantConfig
 from pallas_kernels.platform import targeting_tpu
 
 
@@ -64,31 +65,38 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 
 
 class SoftmaxAttention(nnx.Module):
-    def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 quantize: QuantConfig | None = None):
         D, H, KV, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         std = cfg.initializer_range
         self.cfg = cfg
         self.dtype = dtype
-        self.q_proj = param(rngs, (D, H, d), ("embed", "heads", "head_dim"), dtype=param_dtype, std=std)
-        self.k_proj = param(rngs, (D, KV, d), ("embed", "kv_heads", "head_dim"), dtype=param_dtype, std=std)
-        self.v_proj = param(rngs, (D, KV, d), ("embed", "kv_heads", "head_dim"), dtype=param_dtype, std=std)
-        self.o_proj = param(rngs, (H, d, D), ("heads", "head_dim", "embed"), dtype=param_dtype, std=std)
+        qin, qout = ({}, {}) if quantize is None or not quantize.attention else ({"contracted": 1}, {"contracted": 2})
+        kw = dict(dtype=param_dtype, std=std)
+        self.q_proj, self.q_proj_scale = weight(rngs, (D, H, d), ("embed", "heads", "head_dim"), **kw, **qin)
+        self.k_proj, self.k_proj_scale = weight(rngs, (D, KV, d), ("embed", "kv_heads", "head_dim"), **kw, **qin)
+        self.v_proj, self.v_proj_scale = weight(rngs, (D, KV, d), ("embed", "kv_heads", "head_dim"), **kw, **qin)
+        self.o_proj, self.o_proj_scale = weight(rngs, (H, d, D), ("heads", "head_dim", "embed"), **kw, **qout)
 
     def project_qkv(self, h: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q, k (both rotated) and v for ``h`` [batch, time, hidden] at ``positions`` [batch, time]."""
         cfg = self.cfg
-        q = matmul(h, self.q_proj[...], dtype=self.dtype)
-        k = matmul(h, self.k_proj[...], dtype=self.dtype)
-        v = matmul(h, self.v_proj[...], dtype=self.dtype)
+        q = self._project(h, "q_proj")
+        k = self._project(h, "k_proj")
+        v = self._project(h, "v_proj")
         q = apply_rope(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
         return q, k, v
+
+    def _project(self, x: jax.Array, name: str, contract: int = 1) -> jax.Array:
+        w, scale = weights_of(self, name)
+        return matmul(x, w, contract=contract, dtype=self.dtype, scale=scale)
 
     def __call__(self, h: jax.Array, positions: jax.Array, *,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         q, k, v = self.project_qkv(h, positions)
         o = causal_attention(q, k, v, segment_ids)
-        return matmul(o, self.o_proj[...], contract=2, dtype=self.dtype)
+        return self._project(o, "o_proj", contract=2)
 
     def cached(self, h: jax.Array, keys: jax.Array, values: jax.Array, step: CacheStep,
                layer: tuple = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -110,4 +118,4 @@ class SoftmaxAttention(nnx.Module):
         values = values.at[at].set(v.astype(values.dtype), mode="drop")
         o = blockwise_attention(q, keys, values, positions, step.start + step.n_valid, block=key_block(S),
                                 layer=layer)
-        return matmul(o, self.o_proj[...], contract=2, dtype=self.dtype), keys, values
+        return self._project(o, "o_proj", contract=2), keys, values

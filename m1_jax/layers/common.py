@@ -1,10 +1,14 @@
-"""Parameter creation shared by the layers: Flax layout ``[in, out]`` plus logical axis names."""
+"""Parameter creation shared by the layers: Flax layout ``[in, out]`` plus logical axis names; the
+projections' matmul, in floating point or with int8 weights (:mod:`m1_jax.quant`)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
+
+from m1_jax.quant.spec import SCALE_SUFFIX, quantize, scale_shape
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], *,
@@ -21,9 +25,35 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
     return nnx.Param(x, out_sharding=axes, eager_sharding=False)
 
 
-def matmul(x: jax.Array, w: jax.Array, contract: int = 1, dtype=None) -> jax.Array:
-    """``x @ w`` over the last ``contract`` dims of ``x`` and the first of ``w``, in ``dtype``."""
+def weight(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], *, dtype, std: float,
+           contracted: int | None = None, stacked: int = 0) -> tuple[nnx.Param, nnx.Param | None]:
+    """A matmul weight (:func:`param`) and, when ``contracted`` is given, stored in int8: (int8 values, float32
+    per-output-channel scales over the weight's axes without its ``contracted`` leading ones after ``stacked``
+    stacked axes), the random draw quantized (:func:`m1_jax.quant.spec.quantize`). Without: (param, None)."""
+    p = param(rngs, shape, axes, dtype=dtype, std=std)
+    if contracted is None:
+        return p, None
+    q, s = quantize(p.get_value(), stacked, contracted, xp=jnp)
+    return (nnx.Param(q, out_sharding=axes, eager_sharding=False),
+            nnx.Param(s, out_sharding=scale_shape(axes, stacked, contracted), eager_sharding=False))
+
+
+def weights_of(module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array | None]:
+    """(value of weight ``name``, its int8 scales or None) (:func:`weight`)."""
+    scale = getattr(module, name + SCALE_SUFFIX, None)
+    return getattr(module, name)[...], None if scale is None else scale[...]
+
+
+def matmul(x: jax.Array, w: jax.Array, contract: int = 1, dtype=None, scale: jax.Array | None = None) -> jax.Array:
+    """``x @ w`` over the last ``contract`` dims of ``x`` and the first of ``w``, in ``dtype``.
+
+    ``scale``: ``w`` is int8 with these per-output-channel scales (``w``'s shape without its first
+    ``contract`` axes). Qwix's ``dot_general`` runs it on a ``qwix.QArray`` (weight-only: it dequantizes the
+    operand inside the matmul, which XLA fuses, so no full-precision copy of the weight is kept)."""
     dtype = dtype or x.dtype
     lhs = tuple(range(x.ndim - contract, x.ndim))
     rhs = tuple(range(contract))
-    return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), ((lhs, rhs), ((), ())))
+    if scale is None:
+        return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), ((lhs, rhs), ((), ())))
+    q = qwix.QArray(qvalue=w, scale=scale.reshape((1,) * contract + scale.shape).astype(dtype), qtype=jnp.int8)
+    return qwix.dot_general(x.astype(dtype), q, ((lhs, rhs), ((), ())))

@@ -17,11 +17,13 @@ from m1_jax.layers.attention import SoftmaxAttention
 from m1_jax.layers.lightning import LightningAttention
 from m1_jax.layers.moe import MoE
 from m1_jax.layers.norms import RMSNorm
+from m1_jax.quant.spec import QuantConfig
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: M1Config, layer_type: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, moe_impl: str = "auto", lightning_impl: str = "auto"):
+                 param_dtype=jnp.float32, moe_impl: str = "auto", lightning_impl: str = "auto",
+                 quantize: QuantConfig | None = None):
         D = cfg.hidden_size
         self.layer_type = layer_type
         self.dtype = dtype
@@ -29,15 +31,16 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm((D,), ("embed",), **norm)
         if layer_type == LINEAR:
             self.self_attn = LightningAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                                impl=lightning_impl)
+                                                impl=lightning_impl, quantize=quantize)
             self.alpha, self.beta = cfg.linear_attn_alpha, cfg.linear_attn_beta
         elif layer_type == FULL:
-            self.self_attn = SoftmaxAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            self.self_attn = SoftmaxAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, quantize=quantize)
             self.alpha, self.beta = cfg.full_attn_alpha, cfg.full_attn_beta
         else:
             raise ValueError(f"unknown layer type {layer_type!r}")
         self.post_attention_layernorm = RMSNorm((D,), ("embed",), **norm)
-        self.block_sparse_moe = MoE(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=moe_impl)
+        self.block_sparse_moe = MoE(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, impl=moe_impl,
+                                    quantize=quantize)
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha, cfg.mlp_beta
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, slopes: jax.Array,

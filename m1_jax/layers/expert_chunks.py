@@ -25,6 +25,10 @@ The same rows padded per expert to a multiple of the chunk and run as one batche
 with each block's expert weights gathered was 55-92 GFLOP/s (the weight gather costs as much as the
 matmuls); running the three projections as three separate chunked matmuls 85-115 GFLOP/s.
 ``tools/bench_moe.py`` reruns the comparison.
+
+With int8 weights (``scales``, :mod:`m1_jax.quant`) each chunk's matmuls read the expert's int8 values
+(converted to the rows' dtype inside the loop, one expert at a time) and multiply their float32 outputs by
+the expert's per-output-channel scales; that path is forward only (inference).
 """
 
 from __future__ import annotations
@@ -90,9 +94,9 @@ def _write(buf, off, keep, new):
     return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(keep[:, None], new.astype(buf.dtype), old), off, 0)
 
 
-def _forward(rows, group_sizes, w1, w3, w2, chunk, residuals: bool):
+def _forward(rows, group_sizes, w1, w3, w2, chunk, residuals: bool, scales=None):
     """-> (y [M, D], h1 [M, I], h3 [M, I]): outputs and the two input projections (the residuals of the
-    backward pass; with ``residuals=False`` not kept: None)."""
+    backward pass; with ``residuals=False`` not kept: None). ``scales``: (s1, s3, s2) of int8 weights."""
     M, _ = rows.shape
     E, _, I = w1.shape
     starts, sizes = _runs(group_sizes)
@@ -100,14 +104,15 @@ def _forward(rows, group_sizes, w1, w3, w2, chunk, residuals: bool):
     y = _zeros((M + chunk, w2.shape[-1]), rows.dtype, rows, group_sizes, w1, w3, w2)
     h1 = h3 = _zeros((M + chunk, I), rows.dtype, rows, group_sizes, w1, w3) if residuals else None
     for e in range(E):
-        a1, a3, a2 = w1[e], w3[e], w2[e]
+        a1, a3, a2 = (w[e].astype(rows.dtype) for w in (w1, w3, w2))
+        c1, c3, c2 = (1, 1, 1) if scales is None else (s[e].astype(jnp.float32) for s in scales)
 
-        def body(off, keep, c, a1=a1, a3=a3, a2=a2):
+        def body(off, keep, c, a1=a1, a3=a3, a2=a2, c1=c1, c3=c3, c2=c2):
             y, h1, h3 = c
             xb = _slice(x, off, chunk)
-            p1 = _dot(xb, a1, ((1,), (0,))).astype(rows.dtype)
-            p3 = _dot(xb, a3, ((1,), (0,))).astype(rows.dtype)
-            yb = _dot(jax.nn.silu(p1) * p3, a2, ((1,), (0,)))
+            p1 = (_dot(xb, a1, ((1,), (0,))) * c1).astype(rows.dtype)
+            p3 = (_dot(xb, a3, ((1,), (0,))) * c3).astype(rows.dtype)
+            yb = _dot(jax.nn.silu(p1) * p3, a2, ((1,), (0,))) * c2
             if not residuals:
                 return _write(y, off, keep, yb), None, None
             return _write(y, off, keep, yb), _write(h1, off, keep, p1), _write(h3, off, keep, p3)
@@ -165,12 +170,15 @@ _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def swiglu_chunked(rows: jax.Array, group_sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                   chunk: int | None = None) -> jax.Array:
+                   chunk: int | None = None, scales=None) -> jax.Array:
     """Expert ``e`` on the ``e``-th run of ``rows`` [M, D] (runs of ``group_sizes`` int [E] rows, in expert
     order; rows past ``sum(group_sizes)`` get zeros, as with ``ragged_dot``). w1 / w3 [E, D, I],
     w2 [E, I, D], all in ``rows``' dtype -> [M, D]. ``chunk``: rows per chunk (default
-    :func:`chunk_rows`)."""
+    :func:`chunk_rows`). ``scales``: (s1 [E, I], s3 [E, I], s2 [E, D]) float32 of int8 weights (module
+    docstring; not differentiable)."""
     chunk = chunk_rows(rows.shape[0], w1.shape[0]) if chunk is None else int(chunk)
+    if scales is not None:
+        return _forward(rows, group_sizes, w1, w3, w2, chunk, residuals=False, scales=scales)[0]
     # Inside jax.shard_map the custom backward pass must return each gradient with its input's type: give
     # every float input the mesh axes all of them vary over first (a no-op on values; its own derivative
     # sums a weight's gradient over the axes the rows are split on).

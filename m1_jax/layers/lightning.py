@@ -13,8 +13,9 @@ from flax import nnx
 
 from m1_jax import sharding
 from m1_jax.config import M1Config
-from m1_jax.layers.common import matmul, param
+from m1_jax.layers.common import matmul, weight, weights_of
 from m1_jax.layers.norms import RMSNorm
+from m1_jax.quant.spec import QuantConfig
 from pallas_kernels.lightning import lightning_attention, lightning_decode_step
 
 
@@ -40,18 +41,20 @@ def sharded_lightning(q, k, v, slopes, state, segment_ids, block_size: int, impl
 
 class LightningAttention(nnx.Module):
     def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 impl: str = "auto"):
+                 impl: str = "auto", quantize: QuantConfig | None = None):
         D, H, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         std = cfg.initializer_range
         self.cfg = cfg
         self.dtype = dtype
         self.impl = impl
         # qkv_proj rows are head-major interleaved: head h owns [q_h | k_h | v_h] (3 * head_dim).
-        self.qkv_proj = param(rngs, (D, H, 3 * d), ("embed", "heads", None), dtype=param_dtype, std=std)
-        self.output_gate = param(rngs, (D, H, d), ("embed", "heads", "head_dim"), dtype=param_dtype, std=std)
+        qin, qout = ({}, {}) if quantize is None or not quantize.attention else ({"contracted": 1}, {"contracted": 2})
+        kw = dict(dtype=param_dtype, std=std)
+        self.qkv_proj, self.qkv_proj_scale = weight(rngs, (D, H, 3 * d), ("embed", "heads", None), **kw, **qin)
+        self.output_gate, self.output_gate_scale = weight(rngs, (D, H, d), ("embed", "heads", "head_dim"), **kw, **qin)
         self.norm = RMSNorm((H, d), ("heads", "head_dim"), eps=cfg.lightning_norm_eps, dtype=dtype,
                             param_dtype=param_dtype)
-        self.out_proj = param(rngs, (H, d, D), ("heads", "head_dim", "embed"), dtype=param_dtype, std=std)
+        self.out_proj, self.out_proj_scale = weight(rngs, (H, d, D), ("heads", "head_dim", "embed"), **kw, **qout)
 
     def __call__(self, h: jax.Array, slopes: jax.Array, *, segment_ids: jax.Array | None = None,
                  state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -68,10 +71,14 @@ class LightningAttention(nnx.Module):
 
     def _qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         d = self.cfg.head_dim
-        qkv = jax.nn.silu(matmul(h, self.qkv_proj[...], dtype=self.dtype))  # [B, T, H, 3d]
+        qkv = jax.nn.silu(self._project(h, "qkv_proj"))  # [B, T, H, 3d]
         return qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
 
     def _output(self, h: jax.Array, o: jax.Array) -> jax.Array:
         o = self.norm(o.astype(self.dtype))
-        gate = jax.nn.sigmoid(matmul(h, self.output_gate[...], dtype=self.dtype))
-        return matmul(gate * o, self.out_proj[...], contract=2, dtype=self.dtype)
+        gate = jax.nn.sigmoid(self._project(h, "output_gate"))
+        return self._project(gate * o, "out_proj", contract=2)
+
+    def _project(self, x: jax.Array, name: str, contract: int = 1) -> jax.Array:
+        w, scale = weights_of(self, name)
+        return matmul(x, w, contract=contract, dtype=self.dtype, scale=scale)

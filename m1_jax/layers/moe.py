@@ -22,9 +22,10 @@ from flax import nnx
 
 from m1_jax import sharding
 from m1_jax.config import M1Config
-from m1_jax.layers.common import param
+from m1_jax.layers.common import param, weight
 from m1_jax.layers.experts import GROUPED, experts_dense, experts_grouped, grouped_impl
 from m1_jax.layers.moe_parallel import experts_sharded
+from m1_jax.quant.spec import QuantConfig
 
 MOE_IMPLS = ("auto",) + GROUPED + ("dense",)
 
@@ -56,7 +57,7 @@ def load_balancing_loss(logits: jax.Array, experts: jax.Array, num_experts: int,
 
 class MoE(nnx.Module):
     def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 impl: str = "auto"):
+                 impl: str = "auto", quantize: QuantConfig | None = None):
         if impl not in MOE_IMPLS:
             raise ValueError(f"moe impl must be one of {MOE_IMPLS}, got {impl!r}")
         D, E, I = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
@@ -66,9 +67,11 @@ class MoE(nnx.Module):
         self.impl = impl
         # The router stays float32 whatever the parameter dtype (the release stores it so).
         self.gate = param(rngs, (D, E), ("embed", None), dtype=jnp.float32, std=std)
-        self.w1 = param(rngs, (E, D, I), ("experts", "embed", "mlp"), dtype=param_dtype, std=std)
-        self.w3 = param(rngs, (E, D, I), ("experts", "embed", "mlp"), dtype=param_dtype, std=std)
-        self.w2 = param(rngs, (E, I, D), ("experts", "mlp", "embed"), dtype=param_dtype, std=std)
+        # int8 experts (``quantize``): w1 / w3 / w2 int8 with float32 scales w1_scale [E, I], w3_scale, w2_scale [E, D]
+        q = {} if quantize is None else {"contracted": 1, "stacked": 1}
+        self.w1, self.w1_scale = weight(rngs, (E, D, I), ("experts", "embed", "mlp"), dtype=param_dtype, std=std, **q)
+        self.w3, self.w3_scale = weight(rngs, (E, D, I), ("experts", "embed", "mlp"), dtype=param_dtype, std=std, **q)
+        self.w2, self.w2_scale = weight(rngs, (E, I, D), ("experts", "mlp", "embed"), dtype=param_dtype, std=std, **q)
 
     def __call__(self, x: jax.Array, *, impl: str | None = None,
                  token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -82,11 +85,12 @@ class MoE(nnx.Module):
         logits, weights, experts = route(x, self.gate[...], self.cfg.num_experts_per_tok)
         grouped = grouped_impl() if impl == "auto" else impl
         w = (self.w1[...], self.w3[...], self.w2[...])
+        scales = None if self.w1_scale is None else (self.w1_scale[...], self.w3_scale[...], self.w2_scale[...])
         if impl != "dense" and sharding.active_mesh() is not None:  # expert parallel (moe_parallel.py)
-            y = experts_sharded(x, weights, experts, *w, self.dtype, grouped=grouped)
+            y = experts_sharded(x, weights, experts, *w, self.dtype, grouped=grouped, scales=scales)
         else:
             flat = (x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1))
-            y = (experts_dense(*flat, *w, self.dtype) if impl == "dense"
-                 else experts_grouped(*flat, *w, self.dtype, grouped))
+            y = (experts_dense(*flat, *w, self.dtype, scales=scales) if impl == "dense"
+                 else experts_grouped(*flat, *w, self.dtype, grouped, scales=scales))
         aux = load_balancing_loss(logits, experts, self.cfg.num_local_experts, token_mask)
         return y.reshape(B, T, D), logits, aux

@@ -69,9 +69,10 @@ def _num_chunks(n: int, chunk_tokens: int) -> int:
     return 1
 
 
-def _local_experts(x, weights, experts, w1, w3, w2, *, num_experts: int, ep: int, tensor: int, dtype,
+def _local_experts(x, weights, experts, w1, w3, w2, scales, *, num_experts: int, ep: int, tensor: int, dtype,
                    ragged: bool, grouped: str, chunk_tokens: int):
-    """Per-device body. x [b, T, D]; weights/experts [b, T, k]; w1/w3 [E/ep, D, I/t]; w2 [E/ep, I/t, D].
+    """Per-device body. x [b, T, D]; weights/experts [b, T, k]; w1/w3 [E/ep, D, I/t]; w2 [E/ep, I/t, D];
+    ``scales`` of int8 weights (s1/s3 [E/ep, I/t], s2 [E/ep, D]) or None.
 
     The local tokens are processed in chunks of at most ``chunk_tokens`` (``lax.map`` over rematerialised
     chunks): the worst-case buffers scale with the chunk, not with all tokens of the device."""
@@ -79,8 +80,8 @@ def _local_experts(x, weights, experts, w1, w3, w2, *, num_experts: int, ep: int
     k = experts.shape[-1]
     n = b * T
     args = (x.reshape(n, D), weights.reshape(n, k), experts.reshape(n, k))
-    routed = functools.partial(_routed, w1=w1, w3=w3, w2=w2, num_experts=num_experts, ep=ep, dtype=dtype,
-                               ragged=ragged, grouped=grouped)
+    routed = functools.partial(_routed, w1=w1, w3=w3, w2=w2, scales=scales, num_experts=num_experts, ep=ep,
+                               dtype=dtype, ragged=ragged, grouped=grouped)
     c = _num_chunks(n, chunk_tokens)
     if c == 1:
         out = routed(*args)
@@ -92,10 +93,11 @@ def _local_experts(x, weights, experts, w1, w3, w2, *, num_experts: int, ep: int
     return out.reshape(b, T, D)
 
 
-def _routed(x, weights, experts, *, w1, w3, w2, num_experts: int, ep: int, dtype, ragged: bool, grouped: str):
+def _routed(x, weights, experts, *, w1, w3, w2, scales, num_experts: int, ep: int, dtype, ragged: bool,
+            grouped: str):
     """x [n, D], weights/experts [n, k] -> [n, D] (partial over ``tensor`` when the width is split)."""
     if ep == 1:  # all experts are local
-        return experts_grouped(x, weights, experts, w1, w3, w2, dtype, grouped)
+        return experts_grouped(x, weights, experts, w1, w3, w2, dtype, grouped, scales=scales)
     n, D = x.shape
     k = experts.shape[-1]
     xs, counts, order = sort_by_expert(x, experts, num_experts, dtype)  # xs [n*k, D]; counts [E]
@@ -125,14 +127,15 @@ def _routed(x, weights, experts, *, w1, w3, w2, num_experts: int, ep: int, dtype
     e = jnp.where(src < ep, e, e_loc)
     perm = jnp.argsort(e, stable=True)
     # ``cap`` rows is the worst case; on average n * k rows arrive: chunks sized for that.
-    y_sorted = swiglu_grouped(buf[perm], local_counts.sum(0), w1, w3, w2, dtype, grouped, chunk_rows(n * k, e_loc))
+    y_sorted = swiglu_grouped(buf[perm], local_counts.sum(0), w1, w3, w2, dtype, grouped, chunk_rows(n * k, e_loc),
+                              scales=scales)
     y_recv = jnp.zeros_like(y_sorted).at[perm].set(y_sorted)
     y = exchange(y_recv, jnp.zeros((n * k, D), dtype), recv_offsets, recv, back_offsets, send)
     return combine(y, weights, order, dtype)
 
 
 def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = None, ragged: bool | None = None,
-                    chunk_tokens: int = CHUNK_TOKENS, grouped: str | None = None):
+                    chunk_tokens: int = CHUNK_TOKENS, grouped: str | None = None, scales=None):
     """The routed experts over ``mesh`` (default: the active mesh). x [B, T, D]; weights/experts
     [B, T, k]; w1/w3 [E, D, I]; w2 [E, I, D] -> [B, T, D].
 
@@ -141,6 +144,8 @@ def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = 
     ``chunk_tokens``: tokens per device exchanged at once (bounds the worst-case buffers).
     ``grouped``: the grouped matmul, one of :data:`m1_jax.layers.experts.GROUPED` (default
     :func:`m1_jax.layers.experts.grouped_impl`).
+    ``scales``: (s1 [E, I], s3 [E, I], s2 [E, D]) float32 per-output-channel scales of int8 weights, sharded
+    like the weights' expert and output axes (:mod:`m1_jax.layers.experts`).
     """
     mesh = mesh or sharding.active_mesh()
     E = w1.shape[0]
@@ -155,7 +160,10 @@ def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = 
         tok = sharding.spec(("batch", "length", None), x.shape)
         w_in = sharding.spec(("experts", None, "mlp"), w1.shape)
         w_out = sharding.spec(("experts", "mlp", None), w2.shape)
+        s_specs = None if scales is None else (sharding.spec(("experts", "mlp"), scales[0].shape),
+                                               sharding.spec(("experts", "mlp"), scales[1].shape),
+                                               sharding.spec(("experts", None), scales[2].shape))
     body = functools.partial(_local_experts, num_experts=E, ep=ep, tensor=t, dtype=dtype, ragged=ragged,
                              grouped=grouped, chunk_tokens=chunk_tokens)
-    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
-        x, weights, experts, w1, w3, w2)
+    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out, s_specs), out_specs=tok)(
+        x, weights, experts, w1, w3, w2, scales)
