@@ -51,6 +51,7 @@ from m1_jax.rl.objectives import make_objective
 from m1_jax.rl.update import UPDATE_KEYS, UpdateOptions, rl_optimizer_section, update_batch_shardings, update_step_fn
 from m1_jax.run_config import RunConfig
 from m1_jax.serving import steps as serving_steps
+from m1_jax.serving.engine import default_prefill_rows
 from pallas_kernels.platform import tpu_target
 
 log = logging.getLogger(__name__)
@@ -222,9 +223,9 @@ def lower_step(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, cont
 
 
 def serve_step(cfg: M1Config, mesh, graphdef, params, *, slots: int, context: int, dtype):
-    """``m1 serve``'s decode step (:func:`m1_jax.serving.steps.decode_step`: per-slot sampling, then one token
+    """``m1 serve``'s decode step (``m1_jax.serving.steps.for_model(...).decode_step``: per-slot sampling, then one token
     fed to every slot) lowered for ``slots`` slots of ``context`` tokens -> (lowered, note). The note adds
-    what the engine holds beside it: the prefill rows' cache (one row per batch shard)."""
+    what the engine holds beside it: the cache of its default prefill rows."""
     shapes = cache_shapes(cfg, slots, round_max_len(context), dtype)
 
     def rows(dt, *tail):
@@ -232,11 +233,11 @@ def serve_step(cfg: M1Config, mesh, graphdef, params, *, slots: int, context: in
         names = ("batch",) + (None,) * len(tail)
         return jax.ShapeDtypeStruct(shape, dt, sharding=sharding.named_sharding(names, mesh, shape))
 
-    lowered = serving_steps.decode_step.lower(
-        graphdef, params, _sds(shapes, cache_shardings(shapes, mesh)), rows(jnp.int32), rows(jnp.int32),
+    lowered = serving_steps.for_model(graphdef).decode_step.lower(
+        params, _sds(shapes, cache_shardings(shapes, mesh)), rows(jnp.int32), rows(jnp.int32),
         rows(jnp.bool_), rows(jnp.bool_), rows(jnp.float32), rows(jnp.int32), rows(jnp.float32), rows(jnp.uint32, 2),
         rows(jnp.int32))
-    prefill_rows = sharding.axis_size(mesh, sharding.BATCH_AXES)
+    prefill_rows = default_prefill_rows(mesh)
     pshapes = cache_shapes(cfg, prefill_rows, shapes.max_len, dtype)
     per_device = sum(math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize for a, sh in
                      zip(jax.tree.leaves(pshapes), jax.tree.leaves(cache_shardings(pshapes, mesh))))

@@ -141,25 +141,27 @@ class StreamDecoder:
         self.ids: list[int] = []
         self._prefix = 0  # ids[_prefix:_read] decode to text already emitted: the context of the next piece
         self._read = 0
+        self._before = ""  # the decoded ids[_prefix:_read]
 
     def _decode(self, ids) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        before = self._decode(self.ids[self._prefix:self._read])
         now = self._decode(self.ids[self._prefix:])
-        if len(now) <= len(before) or now.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait
+        if len(now) <= len(self._before) or now.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait
             return ""
+        new = now[len(self._before):]
         self._prefix, self._read = self._read, len(self.ids)
-        return self._emit(now[len(before):])
+        self._before = self._decode(self.ids[self._prefix:self._read])
+        return self._emit(new)
 
     def flush(self) -> str:
         """What is held back (an incomplete character decodes as U+FFFD)."""
-        before = self._decode(self.ids[self._prefix:self._read])
-        now = self._decode(self.ids[self._prefix:])
+        new = self._decode(self.ids[self._prefix:])[len(self._before):]
         self._prefix = self._read = len(self.ids)
-        return self._emit(now[len(before):])
+        self._before = ""
+        return self._emit(new)
 
     def _emit(self, new: str) -> str:
         return escape_controls(new) if self.escape else new

@@ -30,6 +30,9 @@ def add_arguments(p):
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens fed per request per step, a power of two >= 16; also the prefix-cache "
                         "block (default 256)")
+    p.add_argument("--prefill-rows", type=int, default=None,
+                   help="prompts prefilled side by side (default 4, rounded up to a multiple of the mesh's "
+                        "data*fsdp*expert)")
     p.add_argument("--prefix-cache-gb", type=float, default=1.0,
                    help="memory for the prefix cache in GiB (default 1; 0 turns it off)")
     p.add_argument("--max-queue", type=int, default=256,
@@ -64,6 +67,8 @@ def _check(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     if args.prefill_chunk < 16 or args.prefill_chunk & (args.prefill_chunk - 1):
         raise ValueError(f"--prefill-chunk must be a power of two >= 16, got {args.prefill_chunk}")
+    if args.prefill_rows is not None and args.prefill_rows < 1:
+        raise ValueError(f"--prefill-rows must be a positive integer, got {args.prefill_rows}")
     if not args.prefix_cache_gb >= 0:
         raise ValueError(f"--prefix-cache-gb must be >= 0, got {args.prefix_cache_gb}")
     if not 0 < args.port < 65536:
@@ -91,7 +96,8 @@ def build(args):
     name = args.served_model_name or name
     metrics = Metrics()
     config = EngineConfig(slots=args.slots, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-                          prefix_cache_bytes=int(args.prefix_cache_gb * 2 ** 30), max_queue=args.max_queue)
+                          prefix_cache_bytes=int(args.prefix_cache_gb * 2 ** 30), max_queue=args.max_queue,
+                          prefill_rows=args.prefill_rows)
     engine = Engine(model, tokenizer, config, metrics=metrics)
     return create_app(engine, name, tokenizer, metrics=metrics), engine, name
 

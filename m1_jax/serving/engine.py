@@ -7,9 +7,9 @@ One thread runs the loop (:meth:`Engine.start`); any thread submits (:meth:`Engi
 1. drops cancelled requests (their slots are free for this iteration's admissions);
 2. admits waiting requests while a slot and a prefill row are free: the prefill row is reset, or set to
    the longest cached prefix of the prompt (:mod:`m1_jax.serving.prefix_cache`);
-3. feeds one chunk of every admitted prompt (:func:`steps.prefill_chunk`); a prompt whose last chunk is
+3. feeds one chunk of every admitted prompt (:func:`steps._prefill_chunk`); a prompt whose last chunk is
    in moves into its slot (:func:`steps.insert`) and decodes from the next step on;
-4. runs one decode step over all slots (:func:`steps.decode_step`) and hands each running request its
+4. runs one decode step over all slots (:func:`steps._decode_step`) and hands each running request its
    token; a request that ends (an eos id, a stop string, ``max_tokens``, the context full) frees its slot.
 
 Shapes depend only on the slots, the context and the chunk size, so nothing compiles while serving
@@ -57,7 +57,8 @@ class EngineConfig:
     prefill_chunk: int = 256      # prompt tokens fed per request per iteration; also the prefix-cache block
     prefix_cache_bytes: int = 0   # memory budget of the prefix cache (0: off)
     max_queue: int = 256          # waiting requests beyond which submissions are refused (HTTP 429)
-    prefill_rows: int | None = None  # prompts prefilled side by side (default: the mesh's batch shards, or 1)
+    prefill_rows: int | None = None  # prompts prefilled side by side (default: 4, or the mesh's batch shards
+    #                                  if more; a multiple of them)
 
     def check(self, cfg, mesh) -> None:
         for name in ("slots", "max_context", "prefill_chunk", "max_queue"):
@@ -80,10 +81,19 @@ class EngineConfig:
                              f"batch shards (data*fsdp*expert={shards})")
 
 
+DEFAULT_PREFILL_ROWS = 4
+
+
 def _stop_at_exit(ref) -> None:
     engine = ref()
     if engine is not None:
         engine.stop(timeout=60)
+
+
+def default_prefill_rows(mesh) -> int:
+    """:data:`DEFAULT_PREFILL_ROWS` rounded up to a multiple of the mesh's batch shards."""
+    shards = batch_shards(mesh)
+    return shards * -(-DEFAULT_PREFILL_ROWS // shards)
 
 
 def batch_shards(mesh) -> int:
@@ -136,8 +146,9 @@ class Engine:
         self.max_len = round_max_len(config.max_context)
         self.context = min(self.max_len, cfg.max_position_embeddings)
         self.chunk = config.prefill_chunk
-        self.rows = config.prefill_rows or batch_shards(mesh)
+        self.rows = config.prefill_rows or default_prefill_rows(mesh)
         self.graphdef, self.params = nnx.split(model)
+        self.model_steps = steps.for_model(self.graphdef)
         S, V = config.slots, cfg.vocab_size
         self.cache = init_cache(cfg, S, self.max_len, dtype=model.dtype, mesh=mesh, round_len=False)
         self.pcache = init_cache(cfg, self.rows, self.max_len, dtype=model.dtype, mesh=mesh, round_len=False)
@@ -356,8 +367,8 @@ class Engine:
             for j in todo:
                 ids[j.row, :n[j.row]] = j.request.prompt[j.pos:j.pos + n[j.row]]
                 n_valid[j.row] = n[j.row]
-            self.pcache, self.plogits = steps.prefill_chunk(self.graphdef, self.params, self.pcache, self.plogits,
-                                                            jnp.asarray(ids), jnp.asarray(n_valid))
+            self.pcache, self.plogits = self.model_steps.prefill_chunk(self.params, self.pcache, self.plogits, ids,
+                                                                       n_valid)
             for j in todo:
                 j.pos += n[j.row]
                 if self.prefix.enabled and j.pos % C == 0:
@@ -394,7 +405,7 @@ class Engine:
             temperature[r], top_p[r], top_k[r] = o.temperature, o.top_p, o.top_k
             seeds[r] = run.seeds
             counters[r] = run.generated if index is None else index[r]
-        return tuple(jnp.asarray(a) for a in (temperature, top_k, top_p, seeds, counters))
+        return temperature, top_k, top_p, seeds, counters
 
     def _emit(self, runs: dict, sampled) -> None:
         """Hands each run (row -> _Running) its sampled token (from the device outputs ``sampled``)."""
@@ -426,9 +437,8 @@ class Engine:
             tokens[s] = run.next_token
             counters[s] = run.generated + int(chained[s])  # the index of the token this step samples
         temperature, top_k, top_p, seeds, count = self._sampling_rows(runs, S, counters)
-        self.cache, *sampled = steps.decode_step(
-            self.graphdef, self.params, self.cache, jnp.asarray(tokens), self._sampled, jnp.asarray(chained),
-            jnp.asarray(active), temperature, top_k, top_p, seeds, count)
+        self.cache, *sampled = self.model_steps.decode_step(self.params, self.cache, tokens, self._sampled, chained,
+                                                            active, temperature, top_k, top_p, seeds, count)
         self._sampled = sampled[0]
         self._inflight = (runs, sampled)
 

@@ -3,10 +3,10 @@
 Two caches live on the device (:mod:`m1_jax.cache` layout):
 
 * the **slots** cache, ``[slots]`` rows of ``max_context`` tokens: one row per running request. Every
-  engine step runs :func:`decode_step` over all slots at once: each running request's last token is fed
+  engine step runs :func:`_decode_step` over all slots at once: each running request's last token is fed
   and its next one sampled (a free slot feeds nothing).
 * the **prefill** cache, ``[prefill_rows]`` rows: a request's prompt is fed there chunk by chunk
-  (:func:`prefill_chunk`, chunks of a fixed size aligned at multiples of that size from the prompt's
+  (:func:`_prefill_chunk`, chunks of a fixed size aligned at multiples of that size from the prompt's
   start); the first token is sampled from its last logits (:func:`sample`) and the row is copied into
   its slot (:func:`insert`). The prefix cache snapshots a prefill row at chunk
   boundaries (:func:`snapshot`) and restores a snapshot into a prefill row (:func:`restore_block`,
@@ -20,6 +20,7 @@ context; a slot costs the same whatever its request's length, which keeps every 
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,7 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
     return _sample(logits, temperature, top_k, top_p, seeds, counters)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens: jax.Array, previous: jax.Array,
+def _decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens: jax.Array, previous: jax.Array,
                 chained: jax.Array, active: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                 seeds: jax.Array, counters: jax.Array):
     """Feeds each active slot its last token and samples the next one from the logits -> (cache,
@@ -74,13 +74,28 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, tokens:
     return (out.cache, *_sample(out.logits[:, 0], temperature, top_k, top_p, seeds, counters))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "logits"))
-def prefill_chunk(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, logits: jax.Array, ids: jax.Array,
+def _prefill_chunk(graphdef: nnx.GraphDef, params: nnx.State, cache: Cache, logits: jax.Array, ids: jax.Array,
                   n_valid: jax.Array) -> tuple[Cache, jax.Array]:
     """Feeds ``ids`` [rows, T] (the first ``n_valid`` of each row real) into the prefill cache; a row's
     logits [vocab] become those at its last real token (unchanged for a row that feeds nothing)."""
     out = nnx.merge(graphdef, params).forward(ids, cache=cache, n_valid=n_valid, last_only=True)
     return out.cache, jnp.where((n_valid > 0)[:, None], out.logits[:, 0], logits)
+
+
+class ModelSteps(NamedTuple):
+    """The compiled steps that run the model, its structure bound."""
+
+    decode_step: Callable  # (params, cache, tokens, previous, chained, active, temperature, top_k, top_p, seeds,
+    #                         counters) -> (cache, tokens, logprobs, top ids, top logprobs); see _decode_step
+    prefill_chunk: Callable  # (params, cache, logits, ids, n_valid) -> (cache, logits); see _prefill_chunk
+
+
+@functools.lru_cache(maxsize=16)
+def for_model(graphdef: nnx.GraphDef) -> ModelSteps:
+    """:class:`ModelSteps` of a model structure. The structure is bound here rather than passed to each call
+    as a static argument: hashing a model's GraphDef costs a fraction of a millisecond, at every step."""
+    return ModelSteps(jax.jit(functools.partial(_decode_step, graphdef), donate_argnames=("cache",)),
+                      jax.jit(functools.partial(_prefill_chunk, graphdef), donate_argnames=("cache", "logits")))
 
 
 def _take_row(x: jax.Array, row, axis: int) -> jax.Array:

@@ -3,9 +3,10 @@
 import json
 
 import pytest
+from tiny_models import tiny_config
 
 from m1_jax import aot, cli
-from m1_jax.config import param_counts
+from m1_jax.config import FULL, LINEAR, param_counts
 from m1_jax.flops import step_flops
 from m1_jax.presets import resolve_config
 
@@ -71,13 +72,14 @@ def test_m1_aot_prefill_chunk_on_v5e(tmp_path, monkeypatch):
 
 
 def test_aot_train_lowers_the_train_step_that_m1_train_runs():
-    """``m1 aot --mode train`` plans the program ``m1 train`` runs: the same lowered HLO, tiny config, 8-device mesh."""
+    """``m1 aot --mode train`` plans the program ``m1 train`` runs: the same lowered HLO, tiny config (one layer of
+    each kind), 8-device mesh."""
     import jax
 
     from m1_jax import sharding, train
     from m1_jax.run_config import load_run_config
 
-    cfg = resolve_config("tiny")
+    cfg = tiny_config(layer_types=[LINEAR, FULL])
     run = load_run_config(None, ["data.micro_batches=2", "optimizer.z_loss=1e-4", "model.remat=full"])
     mesh = sharding.make_mesh("data=2,fsdp=2,expert=2", jax.devices())
     ts = train.build_train_state(cfg, run, mesh)
@@ -171,7 +173,7 @@ def test_m1_aot_serve_plans_the_engines_decode_step(tmp_path, monkeypatch, capsy
     assert "mode            serve (8 slots x context 1024, one new token each)" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["fits"] is True and report["batch"] == 8
-    assert "8 slots x 1024 tokens" in report["note"] and "2 prefill row(s)" in report["note"]
+    assert "8 slots x 1024 tokens" in report["note"] and "4 prefill row(s)" in report["note"]
     assert report["model_flops"] == step_flops(cfg, "decode", batch=8, seq_len=report["seq_len"], context=1024)
     # the slots' KV cache is an argument: 8 slots x 1024 tokens x 2 KV heads x 16 x (keys + values) x bf16,
     # split over the expert axis (batch)

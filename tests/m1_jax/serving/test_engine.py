@@ -149,7 +149,7 @@ def test_on_a_mesh_the_engine_gives_what_one_device_gives(engine, tool_model):
     sharded = shard_model(model, "data=2,expert=2,tensor=2")
     eng = Engine(sharded, tok, dataclasses.replace(engine.config, prefix_cache_bytes=64 << 20)).start()
     try:
-        assert eng.rows == 4 and eng.cache.keys.sharding.spec[2] == ("data", "expert")
+        assert eng.rows == 4 and eng.cache.keys.sharding.spec[2] == ("data", "expert")  # 4 batch shards
         rng = np.random.default_rng(3)
         prompts = _prompts(rng, [5, 70, 33, 130, 1, 64])
         got = eng.generate(prompts, GREEDY, timeout=300)
