@@ -103,8 +103,8 @@ def swiglu_grouped(rows: jax.Array, group_sizes: jax.Array, w1: jax.Array, w3: j
     # (exactly: one product 1 * s per entry; rows past the runs get 0, as their outputs do).
     ones = jnp.ones((rows.shape[0], 1), jnp.float32)
     row_scales = [jax.lax.ragged_dot(ones, s[:, None].astype(jnp.float32), group_sizes) for s in scales]
-    mm = lambda a, w, s: scaled(jax.lax.ragged_dot(a, w.astype(dtype), group_sizes,
-                                                   preferred_element_type=jnp.float32), s, dtype)
+    # int8 operands straight into ragged_dot (mixed bf16 x int8 inputs): the conversion is the matmul's own
+    mm = lambda a, w, s: scaled(jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32), s, dtype)
     h = jax.nn.silu(mm(rows, w1, row_scales[0])) * mm(rows, w3, row_scales[1])
     return mm(h, w2, row_scales[2])
 
