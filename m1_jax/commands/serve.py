@@ -12,6 +12,7 @@ import sys
 
 from m1_jax import distributed
 from m1_jax.commands.runtime import CHECKPOINT_HELP, add_checkpoint_options, load_config_and_tokenizer, load_model
+from m1_jax.quant.options import quantize_option
 
 RUNS = "runs"
 
@@ -109,6 +110,7 @@ def _random_tiny(args):
 
     from m1_jax.model import M1Model
     from m1_jax.presets import resolve_config
+    from m1_jax.quant.weights import quantize_model
     from m1_jax.sharding import as_mesh, shard_model
     from m1_jax.tokenizer import ByteTokenizer
 
@@ -117,6 +119,9 @@ def _random_tiny(args):
     cfg = resolve_config("tiny")
     mesh = as_mesh(args.mesh)
     model = M1Model(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    quantize = quantize_option(args)
+    if quantize is not None:
+        quantize_model(model, quantize)
     if mesh is not None:
         model = shard_model(model, mesh)
     return model, ByteTokenizer(cfg.vocab_size), "tiny-random"
