@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import tiny_config
 
 from m1_jax import sharding, train
+from m1_jax.config import FULL, LINEAR
 from m1_jax.model import init_model
-from m1_jax.presets import resolve_config
 from m1_jax.run_config import RunConfig, RunConfigError, load_run_config, parse_override
 
 B, T = 8, 32
@@ -53,7 +54,7 @@ def flat_params(ts):
 
 @pytest.fixture(scope="module")
 def cfg():
-    return resolve_config("tiny")
+    return tiny_config(layer_types=[LINEAR, FULL])  # one lightning and one softmax layer: half the tiny's compile
 
 
 def test_mesh_matches_single_device(cfg):
