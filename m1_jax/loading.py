@@ -38,6 +38,7 @@ from m1_jax.checkpoint_io.locate import CONVERTED, MODEL_ITEM, TRAINING, Checkpo
 from m1_jax.checkpoint_io.plan import plan_checkpoint
 from m1_jax.checkpoint_io.safetensors_io import SafetensorsCheckpoint
 from m1_jax.config import M1Config
+from m1_jax.lora.spec import from_run as lora_from_run
 from m1_jax.model import M1Model, abstract_model
 from m1_jax.quant.spec import QuantConfig, QuantizeError
 from m1_jax.quant.spec import resolve as resolve_quantize
@@ -151,6 +152,9 @@ def restore_trained(ckpt: Checkpoint, *, dtype=jnp.float32, param_dtype=None, me
         run_model = (ckpt.meta.get("run") or {}).get("model") or {}
         param_dtype = jnp.dtype(run_model.get("param_dtype", "float32"))
     mesh = sharding.as_mesh(mesh)
+    lora, lora_base = lora_from_run(ckpt.meta.get("run"))  # a LoRA run: its adapters (and QLoRA's int8 base)
+    if lora is not None:
+        model_kw = dict(model_kw, lora=lora, quantize=lora_base)
     abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, **model_kw)
     graphdef, state = nnx.split(abstract)
     target = {MODEL_ITEM: nnx.to_pure_dict(_target(state, cfg, mesh))}

@@ -21,6 +21,7 @@ from m1_jax.config import LINEAR, M1Config
 from m1_jax.layers.common import param
 from m1_jax.layers.decoder import Period
 from m1_jax.layers.norms import RMSNorm, rms_normalize
+from m1_jax.lora.adapters import add_adapters
 from m1_jax.quant.spec import resolve as resolve_quantize
 from pallas_kernels.lightning import m1_slopes
 
@@ -89,12 +90,16 @@ class M1Model(nnx.Module):
     ``quantize``: ``"int8"`` or a :class:`m1_jax.quant.QuantConfig`: the experts' weights (and with
     ``QuantConfig(attention=True)`` the attention projections) stored in int8 with per-output-channel scales
     (:mod:`m1_jax.quant`); ``m1_jax.quant.quantize_model`` quantizes a model's weights.
+
+    ``lora``: a :class:`m1_jax.lora.LoraConfig`: LoRA adapters on its targets (B zero: the model computes what
+    it computes without them until they are trained); ``m1_jax.lora.add_adapters`` adds them to a model.
     """
 
     def __init__(self, cfg: M1Config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  moe_impl: str = "auto", lightning_impl: str = "auto", scan_layers: bool = True,
-                 head_dtype=None, quantize=None):
+                 head_dtype=None, quantize=None, lora=None):
         self.cfg = cfg
+        self.lora = None  # the LoraConfig once adapters are added (m1_jax.lora.add_adapters)
         self.quantize = resolve_quantize(quantize)
         self.dtype = dtype
         self.head_dtype = None if head_dtype is None else _floating_dtype(head_dtype)
@@ -113,6 +118,8 @@ class M1Model(nnx.Module):
         self.periods = make_periods(rngs)
         self.norm = RMSNorm((D,), ("embed",), eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.lm_head = param(rngs, (D, V), ("embed", "vocab"), dtype=param_dtype, std=cfg.initializer_range)
+        if lora is not None:
+            add_adapters(self, lora, rngs)
 
     # ------------------------------------------------------------------ pieces
     def embed(self, input_ids: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from m1_jax.lora.spec import LoraError, expand_targets
 from m1_jax.presets import CONFIG_DIR
 
 
@@ -83,7 +84,17 @@ class TrainSection:
     fast_compile: bool = False  # skip XLA's backend optimisations: compiles several times faster, runs slower
 
 
-SECTIONS = {"model": ModelSection, "optimizer": OptimizerSection, "data": DataSection, "train": TrainSection}
+@dataclasses.dataclass
+class LoraSection:
+    rank: int = 0  # LoRA adapters of this rank on the targets, the base weights frozen (0: full fine-tuning)
+    alpha: float = 16.0  # the adapters are scaled by alpha / rank
+    targets: str = "attention"  # comma-separated: attention | experts | all, or weight names (docs/lora.md)
+    base: str = "float"  # float | int8: the frozen base with its experts in int8 (QLoRA)
+    seed: int = 0  # draws the adapters' A matrices
+
+
+SECTIONS = {"model": ModelSection, "optimizer": OptimizerSection, "data": DataSection, "train": TrainSection,
+            "lora": LoraSection}
 
 # String fields with a fixed set of values. The model's choices are those of m1_jax.model.REMAT_POLICIES,
 # m1_jax.layers.moe.MOE_IMPLS and pallas_kernels.lightning.IMPLS (a test keeps them equal; importing
@@ -97,6 +108,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.head_dtype": ("auto", "float32", "bfloat16"),
     "data.format": ("auto", "text", "jsonl", "tokens"),
     "train.on_nan": ("stop", "skip"),
+    "lora.base": ("float", "int8"),
 }
 MAX_SEED = 2 ** 32
 
@@ -121,6 +133,14 @@ def _seed(v) -> str | None:
 
 def _non_empty(v) -> str | None:
     return None if v else "must not be empty"
+
+
+def _lora_targets(v) -> str | None:
+    try:
+        expand_targets(v, what="targets")
+    except LoraError as e:
+        return str(e).removeprefix("targets: ")
+    return None
 
 
 def _mesh(v) -> str | None:
@@ -165,6 +185,10 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "train.max_to_keep": _at_least(1),
     "train.sample_tokens": _at_least(0),
     "train.peak_flops_per_device": _at_least(0),
+    "lora.rank": _at_least(0),
+    "lora.alpha": _positive,
+    "lora.targets": _lora_targets,
+    "lora.seed": _seed,
 }
 
 # What a resumed run must keep: the fields that decide the data stream, which the data iterator state in
@@ -258,6 +282,7 @@ class RunConfig(SectionedConfig):
     optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
     SECTIONS = SECTIONS
     CHOICES = CHOICES
@@ -268,6 +293,8 @@ class RunConfig(SectionedConfig):
         if d.batch_size % d.micro_batches:
             self._fail(("data.micro_batches", "data.batch_size"),
                        f"{d.micro_batches} does not divide data.batch_size={d.batch_size}")
+        if self.lora.base == "int8" and not self.lora.rank:
+            self._fail(("lora.base", "lora.rank"), "int8 (QLoRA) needs LoRA adapters: set lora.rank >= 1")
         if t.sample_tokens and not t.sample_prompt:
             self._fail(("train.sample_prompt", "train.sample_tokens"),
                        f"is empty but train.sample_tokens={t.sample_tokens} (a sample needs a prompt; "

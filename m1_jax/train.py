@@ -9,6 +9,10 @@ normalised by the batch's total token count, so accumulation gives the gradient 
 Optimizer: global-norm clipping, then AdamW with linear warmup and cosine decay; no weight decay on
 normalisation weights. Master weights are ``model.param_dtype`` (float32); compute is ``model.dtype``.
 
+LoRA (run config section ``lora``, :mod:`m1_jax.lora`): adapters are added to the model, the base weights
+frozen (optionally with int8 experts: QLoRA); the step differentiates and the optimizer updates only the
+adapters (:class:`m1_jax.lora.LoraParam`), so optimizer moments exist for them alone.
+
 The train state is the state of ``(model, nnx.Optimizer)`` (parameters, optimizer moments, step). The step
 is one ``jax.jit`` with explicit input and output shardings from :mod:`m1_jax.sharding` (parameters and
 moments by the logical-axis rules, the batch split over ``data x fsdp x expert``). A non-finite loss or
@@ -31,7 +35,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from m1_jax import sharding
 from m1_jax.config import M1Config
 from m1_jax.flops import step_flops
+from m1_jax.lora.adapters import LoraParam, add_adapters
+from m1_jax.lora.spec import LoraConfig
 from m1_jax.model import M1Model, init_model
+from m1_jax.quant.weights import quantize_model
 from m1_jax.run_config import OptimizerSection
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -171,7 +178,7 @@ def train_step_fn(graphdef, opts: StepOptions, schedule: optax.Schedule):
     def step(state, batch):
         old_leaves, treedef = jax.tree.flatten(state)  # before merge: the update mutates the variables
         model, optimizer = nnx.merge(graphdef, state)
-        mgraph, params, rest = nnx.split(model, nnx.Param, ...)
+        mgraph, params, rest = nnx.split(model, trainable(model), ...)
         total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         m = opts.micro_batches
 
@@ -202,13 +209,18 @@ def train_step_fn(graphdef, opts: StepOptions, schedule: optax.Schedule):
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
+def trainable(model: M1Model):
+    """The parameters a train step updates: the LoRA adapters of a model that has them, else all."""
+    return nnx.Param if model.lora is None else LoraParam
+
+
 def model_and_optimizer(model: M1Model, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[M1Model, nnx.Optimizer]:
     """A copy of ``model`` placed on ``mesh`` (the caller's model is left as it is) and its optimizer: what
     the train state holds. Works on an abstract model under ``nnx.eval_shape`` too (for AOT planning)."""
     sharding.check_mesh(model.cfg, mesh)
     model = nnx.merge(*nnx.split(model))
     model.mesh = mesh if mesh.size > 1 else None
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return model, nnx.Optimizer(model, tx, wrt=trainable(model))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -323,8 +335,41 @@ def build_train_state(cfg: M1Config, run, mesh: Mesh, *, model: M1Model | None =
         compiler_options = FAST_COMPILE
     if model is None:
         model = init_model(cfg, seed=run.model.seed, **model_options(run))
+    model = with_lora(model, run)
     tx, opts, schedule = step_setup(cfg, run)
     return TrainState(model, tx, mesh, opts, schedule, compiler_options)
+
+
+def lora_config(run) -> LoraConfig | None:
+    """The adapters of run config ``run`` (its ``lora`` section), or None for full fine-tuning."""
+    section = run.lora
+    return LoraConfig(section.rank, section.alpha, section.targets) if section.rank else None
+
+
+def with_lora(model: M1Model, run) -> M1Model:
+    """``model`` with the LoRA adapters of run config ``run`` added in place (its experts quantized to int8
+    first with ``lora.base=int8``); as it is without adapters."""
+    lora = lora_config(run)
+    if lora is None:
+        return model
+    if run.lora.base == "int8":
+        quantize_model(model, "int8")
+    return add_adapters(model, lora, nnx.Rngs(run.lora.seed))
+
+
+def parameter_counts(ts: "TrainState") -> dict:
+    """Trainable parameters and optimizer-state bytes of the train state ``ts``, beside those of full
+    fine-tuning of the same model (every weight trained, AdamW's two moments in the parameter dtype)."""
+    model, optimizer = nnx.merge(ts.graphdef, ts.state)
+    size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoraParam)))
+    base_params = sum(int(np.prod(x.shape)) for p, x in nnx.to_flat_state(base)
+                      if not str(p[-1]).endswith("_scale"))
+    param_bytes = model.embed_tokens[...].dtype.itemsize  # the parameter dtype (never quantized)
+    return {"trainable": size(nnx.state(model, trainable(model))), "base_params": base_params,
+            "optimizer_bytes": nbytes(nnx.state(optimizer, nnx.optimizer.OptState)),
+            "full_trainable": base_params, "full_optimizer_bytes": 2 * base_params * param_bytes}
 
 
 def mfu(tokens_per_s: float, cfg: M1Config, seq_len: int, n_devices: int, peak: float | None) -> float | None:

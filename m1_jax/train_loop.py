@@ -33,6 +33,7 @@ from m1_jax.config import M1Config
 from m1_jax.data import get_tokenizer, make_batches
 from m1_jax.generation import generate
 from m1_jax.loading import from_pretrained
+from m1_jax.lora.spec import from_run as lora_from_run
 from m1_jax.presets import resolve_config
 from m1_jax.run_config import RESUME_FIXED_FIELDS, RunConfig, resume_conflicts
 
@@ -92,6 +93,7 @@ class Summary:
     checkpoint_step: int | None = None
     final_state: object = None  # the TrainState at the end
     damaged: dict[int, str] = field(default_factory=dict)  # checkpoint steps set aside on resume -> why
+    counts: dict = field(default_factory=dict)  # trainable parameters, optimizer bytes (train.parameter_counts)
 
 
 def tensorboard_writer(directory: str):
@@ -140,9 +142,20 @@ def check_resumable(meta: dict, where: str, config: dict, run: RunConfig, what: 
         raise CheckpointError(f"{where}: saved with another model config than {what!r}; resume with the same "
                               "model")
     changed = resume_conflicts(meta["run"], run, fixed) if "run" in meta else []
+    saved = lora_from_run(meta.get("run"))
+    now = lora_from_run(run.to_dict())
+    if saved != now:
+        raise CheckpointError(f"{where}: saved with LoRA {_lora_text(saved)}, this run has {_lora_text(now)}; "
+                              "resume with the same lora section, or start a new --workdir")
     if changed:
         raise CheckpointError(f"{where}: saved with another data stream ({'; '.join(changed)}); resume with the "
                               "same values, or start a new --workdir")
+
+
+def _lora_text(lora) -> str:
+    cfg, base = lora
+    return "none" if cfg is None else f"rank={cfg.rank},alpha={cfg.alpha:g},targets={','.join(cfg.targets)}" + (
+        f",base={base}" if base else "")
 
 
 def load_model_config(run: RunConfig, init_from: str | None) -> M1Config:
@@ -202,7 +215,7 @@ def _train(run: RunConfig, workdir: str, ckpt: Checkpointer, latest: int | None,
     ts = train.build_train_state(cfg, run, mesh, model=model)
     t = run.train
     meta = {"config": cfg.to_dict(), "run": run.to_dict()}
-    summary = Summary()
+    summary = Summary(counts=train.parameter_counts(ts))
     if latest is not None:
         check = functools.partial(check_resumable, config=meta["config"], run=run,
                                   what=init_from or run.model.config)

@@ -24,6 +24,11 @@ def add_arguments(p):
                    help="start from pretrained weights: an HF checkpoint directory or an `m1 convert` output")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,expert=2,tensor=1 "
                                                 "(overrides train.mesh)")
+    p.add_argument("--lora", default=None, metavar="rank=R,alpha=A,targets=T[,T...][,base=int8]",
+                   help="LoRA fine-tuning: adapters of rank R scaled by A/R on the targets (attention, experts, all, "
+                        "or weight names: qkv_proj output_gate out_proj q_proj k_proj v_proj o_proj w1 w3 w2); the "
+                        "base weights frozen (base=int8: with int8 experts, QLoRA); optimizer state only for the "
+                        "adapters (sets the run config's lora section; docs/lora.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any run-config field, e.g. --set optimizer.lr=1e-3 (repeatable)")
     p.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
@@ -59,7 +64,10 @@ def run(args) -> int:
     from m1_jax import distributed
     from m1_jax.run_config import load_run_config
 
-    overrides = list(args.overrides)
+    from m1_jax.lora.spec import parse_flag
+
+    overrides = [f"lora.{k}={v}" for k, v in parse_flag(args.lora).items()] if args.lora else []
+    overrides += list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     if args.mesh is not None:
@@ -88,6 +96,12 @@ def run(args) -> int:
     summary = fit(run_cfg, workdir, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
     if jax.process_index() != 0:
         return 0
+    c = summary.counts
+    if c:
+        print(f"trainable parameters: {c['trainable']:,} of {c['base_params']:,} "
+              f"({100 * c['trainable'] / max(c['base_params'], 1):.3g}%); optimizer state "
+              f"{c['optimizer_bytes']:,} bytes (full fine-tuning: {c['full_trainable']:,} parameters, "
+              f"{c['full_optimizer_bytes']:,} bytes)")
     if summary.losses:
         print(f"trained steps {summary.start_step + 1}..{summary.steps} on mesh {run_cfg.train.mesh}: loss "
               f"{summary.losses[0]:.4f} -> {summary.losses[-1]:.4f} in {summary.wall_s:.1f}s "

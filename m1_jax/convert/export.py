@@ -8,6 +8,15 @@ written under temporary names and renamed; ``model.safetensors.index.json`` is w
 checkpoint is checked as it is read: its chunk files first (all there, at their sizes), then each
 region's CRC-32C against the one its conversion recorded (:mod:`m1_jax.checkpoint_io.integrity`). A training
 checkpoint exports the model's parameters of its train state, in their stored dtype.
+
+A LoRA run's checkpoint (:mod:`m1_jax.lora`) exports with ``merge_lora``: each targeted weight slot is
+written as ``W + A B * alpha / rank`` (float32 sum, in the weight's dtype; a QLoRA run's int8 experts
+dequantized first and written in float32), or with ``lora_only`` (:func:`export_peft_adapter`) as a Hugging
+Face PEFT adapter for transformers' ``MiniMaxForCausalLM``: ``adapter_config.json`` and
+``adapter_model.safetensors`` with each projection's ``lora_A`` [rank, in] and ``lora_B`` [out, rank]. PEFT's
+LoRA targets ``nn.Linear`` modules, and transformers' MiniMax experts are fused 3-d parameters
+(``gate_up_proj``, ``down_proj``), so per-expert adapters have no PEFT form: a run with expert targets
+exports with ``merge_lora`` only.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import re
 import shutil
 
 import numpy as np
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from m1_jax.checkpoint_io import files, integrity
@@ -31,6 +41,8 @@ from m1_jax.checkpoint_io.safetensors_io import DTYPE_NAMES, INDEX_NAME
 from m1_jax.config import M1Config
 from m1_jax.convert.layout import TOKENIZER_FILES
 from m1_jax.convert.transpose import contiguous_into
+from m1_jax.lora.spec import EXPERT_TARGETS, LORA_A, LORA_B, LoraConfig, from_run, merged
+from m1_jax.quant.spec import SCALE_SUFFIX, dequantize
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +92,10 @@ def _header(entries) -> bytes:
 
 def _source(ckpt: str):
     """``(cfg, state dir, _METADATA, {path: array name}, checksum regions or None, config.json text,
-    tokenizer files)`` of an ``m1 convert`` output or an ``m1 train`` checkpoint."""
+    tokenizer files, (LoRA config or None, "int8" for a QLoRA base or None))`` of an ``m1 convert`` output or
+    an ``m1 train`` checkpoint."""
     src = locate(ckpt)
+    lora = (None, None)
     if src.kind == CONVERTED:
         if (mf.check_loadable(src.directory) or {}).get("quantize"):
             raise CheckpointError(f"{ckpt}: its weights are stored in int8 (m1 convert --quantize int8); m1 export "
@@ -98,6 +112,7 @@ def _source(ckpt: str):
         cfg = src.config()
         names = {p: ".".join((MODEL_ITEM, *map(str, p))) for p in key_table.param_layout(cfg)}
         meta, regions = ow.read_metadata(src.state_dir), None
+        lora = from_run(src.meta.get("run"))
         config_text = json.dumps(src.meta["config"], indent=1)
         try:
             tokenizer_dir = None if src.tokenizer == BYTE_TOKENIZER else src.tokenizer
@@ -113,7 +128,7 @@ def _source(ckpt: str):
     elif tokenizer_dir is not None:
         tok_files = {f: os.path.join(tokenizer_dir, f) for f in TOKENIZER_FILES
                      if os.path.isfile(os.path.join(tokenizer_dir, f))}
-    return cfg, src.state_dir, meta, names, regions, config_text, tok_files
+    return cfg, src.state_dir, meta, names, regions, config_text, tok_files, lora
 
 
 def _open_arrays(state_dir: str, meta: dict, names: dict[tuple, str], cfg: M1Config) -> dict:
@@ -132,24 +147,68 @@ def _open_arrays(state_dir: str, meta: dict, names: dict[tuple, str], cfg: M1Con
     return arrays
 
 
-def export(ckpt: str, dst: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict:
+def _check_lora(ckpt: str, lora, merge_lora: bool, lora_only: bool) -> None:
+    if merge_lora and lora_only:
+        raise ValueError("--merge-lora and --lora-only: pass one of them")
+    if lora[0] is None and (merge_lora or lora_only):
+        raise CheckpointError(f"{ckpt}: holds no LoRA adapters (not a checkpoint of `m1 train --lora`); leave out "
+                              f"{'--merge-lora' if merge_lora else '--lora-only'}")
+    if lora[0] is not None and not (merge_lora or lora_only):
+        raise CheckpointError(f"{ckpt}: a LoRA run's checkpoint; pass --merge-lora (the full model with the adapters "
+                              "merged) or --lora-only (a PEFT adapter)")
+
+
+def _open_adapters(state_dir: str, meta: dict, names: dict[tuple, str], lora: LoraConfig) -> dict:
+    """{weight path: (A array, B array)} of every adapter the checkpoint holds."""
+    tree = {".".join(k["key"] for k in v.get("key_metadata", [])) for v in meta["tree_metadata"].values()}
+    out = {}
+    for p, name in names.items():
+        if p[-1] not in lora.targets:
+            continue
+        a_name, b_name = name + LORA_A, name + LORA_B
+        if a_name not in tree or b_name not in tree:
+            raise CheckpointError(f"{state_dir}: holds no LoRA adapter {a_name} (the run config names target "
+                                  f"{p[-1]})")
+        out[p] = (ow.open_array(state_dir, a_name, meta), ow.open_array(state_dir, b_name, meta))
+    return out
+
+
+def _open_scales(state_dir: str, meta: dict, names: dict[tuple, str], arrays: dict) -> dict:
+    """{weight path: scales array} of the int8 weights (a QLoRA run's experts)."""
+    return {p: ow.open_array(state_dir, names[p] + SCALE_SUFFIX, meta) for p, a in arrays.items()
+            if np.dtype(a.dtype.numpy_dtype) == np.int8}
+
+
+def export(ckpt: str, dst: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+           merge_lora: bool = False, lora_only: bool = False) -> dict:
     """Writes ``dst`` (safetensors shards + index + config.json + tokenizer files) from ``ckpt``: an
     ``m1 convert`` output (every array checked against its recorded checksums as it is read) or an
     ``m1 train`` workdir (its latest step) or step directory.
 
+    A LoRA run's checkpoint needs ``merge_lora`` (its adapters merged into the weights) or ``lora_only``
+    (a PEFT adapter instead, :func:`export_peft_adapter`).
+
     ``dst`` must be new or empty; on any failure (a damaged checkpoint, a full disk) what this export
     wrote is removed again, so nothing half-written is left."""
     ckpt, dst = os.fspath(ckpt), os.fspath(dst)
-    cfg, state_dir, meta, names, regions, config_text, tok_files = _source(ckpt)
+    cfg, state_dir, meta, names, regions, config_text, tok_files, lora = _source(ckpt)
+    _check_lora(ckpt, lora, merge_lora, lora_only)
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise CheckpointError(f"{dst}: exists and is not empty; choose a new export directory")
+    if lora_only:
+        return export_peft_adapter(cfg, state_dir, meta, names, lora[0], dst)
     arrays = _open_arrays(state_dir, meta, names, cfg)
+    merge = None
+    if merge_lora:
+        adapters = _open_adapters(state_dir, meta, names, lora[0])
+        merge = (adapters, _open_scales(state_dir, meta, names, arrays), lora[0])
     tracker = None if regions is None else integrity.ChecksumTracker(regions, cfg, state_dir, names)
     placements = {}
     entries = []
     for key, pl in key_table.canonical_keys(cfg):
         placements[key] = pl
-        entries.append((key, pl.hf_shape, np.dtype(arrays[pl.path].dtype.numpy_dtype)))
+        dtype = np.dtype(arrays[pl.path].dtype.numpy_dtype)
+        entries.append((key, pl.hf_shape, np.dtype(np.float32) if dtype == np.int8 else dtype))
     order = {k: i for i, (k, _, _) in enumerate(entries)}
     entries.sort(key=lambda e: (_layer_of(e[0]), order[e[0]]))
     shards = _shards(entries, max_shard_bytes)
@@ -159,7 +218,7 @@ def export(ckpt: str, dst: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
     try:
         os.makedirs(dst, exist_ok=True)
         weight_map = _write_shards(dst, shards, placements, arrays, tracker, state_dir, names, written,
-                                   total, progress)
+                                   total, progress, merge)
         if tracker is not None:
             tracker.finish()
         written.append(os.path.join(dst, "config.json"))
@@ -179,9 +238,11 @@ def export(ckpt: str, dst: str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTE
     return {"tensors": len(entries), "bytes": total, "shards": len(shards), "dst": dst}
 
 
-def _write_shards(dst, shards, placements, arrays, tracker, state_dir, names, written, total, progress) -> dict:
+def _write_shards(dst, shards, placements, arrays, tracker, state_dir, names, written, total, progress,
+                  merge=None) -> dict:
     """Writes the safetensors shards (each under a temporary name, renamed when whole); returns the
-    weight map. ``written`` collects every path created (for the cleanup after a failure)."""
+    weight map. ``written`` collects every path created (for the cleanup after a failure). ``merge``:
+    (adapters, int8 scales, LoRA config) of a LoRA run, merged into their weights as they are written."""
     weight_map, n = {}, len(shards)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export", disable=not progress,
               dynamic_ncols=True) as bar:
@@ -200,6 +261,8 @@ def _write_shards(dst, shards, placements, arrays, tracker, state_dir, names, wr
                                               f"unreadable ({cause_line(e)})") from None
                     if tracker is not None:
                         tracker.add(pl.path, pl.slot, value)
+                    if merge is not None and (pl.path in merge[0] or pl.path in merge[1]):
+                        value = _merged_slot(value, pl, *merge)
                     out = contiguous_into(key_table.to_checkpoint_layout(pl, value))
                     if out.shape != tuple(shape) or out.dtype != dtype:
                         raise CheckpointError(f"{key}: exported as {out.dtype}{list(out.shape)}, expected "
@@ -212,6 +275,54 @@ def _write_shards(dst, shards, placements, arrays, tracker, state_dir, names, wr
             written.append(os.path.join(dst, name))
             os.replace(tmp, written[-1])
     return weight_map
+
+
+def _merged_slot(value: np.ndarray, pl, adapters: dict, scales: dict, lora: LoraConfig) -> np.ndarray:
+    """One weight slot with its adapter merged (a QLoRA int8 slot dequantized first, then float32)."""
+    if pl.path in scales:
+        value = dequantize(value, scales[pl.path][pl.slot].read().result(), 0, 1)
+    if pl.path not in adapters:
+        return value
+    a, b = (x[pl.slot].read().result() for x in adapters[pl.path])
+    return merged(value, a, b, lora.scale)
+
+
+def export_peft_adapter(cfg: M1Config, state_dir: str, meta: dict, names: dict[tuple, str], lora: LoraConfig,
+                        dst: str) -> dict:
+    """Writes a LoRA run's adapters as a Hugging Face PEFT adapter for transformers' ``MiniMaxForCausalLM``
+    into ``dst`` (new or empty): ``adapter_model.safetensors`` (``base_model.model.model.layers.L.self_attn.
+    NAME.lora_A.weight`` [rank, in], ``...lora_B.weight`` [out, rank], float32) and ``adapter_config.json``
+    (``r``, ``lora_alpha``, ``target_modules``). Per-expert adapters have no PEFT form (module docstring)."""
+    experts = [t for t in lora.targets if t in EXPERT_TARGETS]
+    if experts:
+        raise CheckpointError(f"--lora-only: the run's adapters include the experts ({', '.join(experts)}), which "
+                              "PEFT cannot express (transformers' MiniMax experts are fused 3-d parameters, not "
+                              "nn.Linear modules); export with --merge-lora instead")
+    adapters = _open_adapters(state_dir, meta, names, lora)
+    tensors = {}
+    for key, pl in key_table.canonical_keys(cfg):
+        if pl.path not in adapters:
+            continue
+        a, b = (np.asarray(x[pl.slot].read().result(), np.float32) for x in adapters[pl.path])
+        module = "base_model.model." + key.removesuffix(".weight")
+        tensors[module + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, lora.rank).T)
+        tensors[module + ".lora_B.weight"] = np.ascontiguousarray(b.reshape(lora.rank, -1).T)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+              "target_modules": list(lora.targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+              "modules_to_save": None, "base_model_name_or_path": None}
+    created = not os.path.exists(dst)
+    written = [os.path.join(dst, "adapter_model.safetensors"), os.path.join(dst, "adapter_config.json")]
+    try:
+        os.makedirs(dst, exist_ok=True)
+        save_file(tensors, written[0] + ".partial", metadata={"format": "pt"})
+        os.replace(written[0] + ".partial", written[0])
+        files.write_json_atomic(written[1], config)
+    except BaseException:
+        _remove(dst, [written[0] + ".partial", *written], created)
+        raise
+    return {"tensors": len(tensors), "bytes": sum(t.nbytes for t in tensors.values()), "dst": dst,
+            "targets": list(lora.targets)}
 
 
 def _remove(dst: str, written: list[str], created: bool) -> None:

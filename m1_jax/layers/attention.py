@@ -20,7 +20,7 @@ from m1_jax.cache import CacheStep
 from m1_jax.config import M1Config
 from m1_jax.layers.blockwise import blockwise_attention, key_block
 from m1_jax.layers.causal_tiles import tiled_causal_attention
-from m1_jax.layers.common import matmul, weight, weights_of
+from m1_jax.layers.common import adapter_of, matmul, weight, weights_of
 from m1_jax.layers.rope import apply_rope
 from m1_jax.layers.splash import log_fallback, splash_attention, unsupported_reason
 from m1_jax.quant.spec import QuantConfig
@@ -90,7 +90,7 @@ class SoftmaxAttention(nnx.Module):
 
     def _project(self, x: jax.Array, name: str, contract: int = 1) -> jax.Array:
         w, scale = weights_of(self, name)
-        return matmul(x, w, contract=contract, dtype=self.dtype, scale=scale)
+        return matmul(x, w, contract=contract, dtype=self.dtype, scale=scale, lora=adapter_of(self, name))
 
     def __call__(self, h: jax.Array, positions: jax.Array, *,
                  segment_ids: jax.Array | None = None) -> jax.Array:

@@ -1,5 +1,6 @@
 """Parameter creation shared by the layers: Flax layout ``[in, out]`` plus logical axis names; the
-projections' matmul, in floating point or with int8 weights (:mod:`m1_jax.quant`)."""
+projections' matmul, in floating point or with int8 weights (:mod:`m1_jax.quant`), with or without a LoRA
+adapter (:mod:`m1_jax.lora`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
+from m1_jax.lora.spec import LORA_A, LORA_B
 from m1_jax.quant.spec import SCALE_SUFFIX, quantize, scale_shape
+
+# A LoRA adapter of a weight as the matmuls take it: (A [in..., r], B [r, out...], alpha / rank).
+Adapter = tuple[jax.Array, jax.Array, float]
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], *,
@@ -44,16 +49,33 @@ def weights_of(module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array | No
     return getattr(module, name)[...], None if scale is None else scale[...]
 
 
-def matmul(x: jax.Array, w: jax.Array, contract: int = 1, dtype=None, scale: jax.Array | None = None) -> jax.Array:
+def adapter_of(module: nnx.Module, name: str) -> Adapter | None:
+    """The LoRA adapter of weight ``name`` (:func:`m1_jax.lora.adapters.add_adapters`), or None."""
+    a = getattr(module, name + LORA_A, None)
+    if a is None:
+        return None
+    return a[...], getattr(module, name + LORA_B)[...], module.lora_scale
+
+
+def matmul(x: jax.Array, w: jax.Array, contract: int = 1, dtype=None, scale: jax.Array | None = None,
+           lora: Adapter | None = None) -> jax.Array:
     """``x @ w`` over the last ``contract`` dims of ``x`` and the first of ``w``, in ``dtype``.
 
     ``scale``: ``w`` is int8 with these per-output-channel scales (``w``'s shape without its first
     ``contract`` axes). Qwix's ``dot_general`` runs it on a ``qwix.QArray`` (weight-only: it dequantizes the
-    operand inside the matmul, which XLA fuses, so no full-precision copy of the weight is kept)."""
+    operand inside the matmul, which XLA fuses, so no full-precision copy of the weight is kept).
+    ``lora``: adds ``(x @ A) @ B * alpha / rank`` (:mod:`m1_jax.lora`; why not qwix's LoRA: see
+    :mod:`m1_jax.lora.adapters`)."""
     dtype = dtype or x.dtype
     lhs = tuple(range(x.ndim - contract, x.ndim))
     rhs = tuple(range(contract))
     if scale is None:
-        return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), ((lhs, rhs), ((), ())))
-    q = qwix.QArray(qvalue=w, scale=scale.reshape((1,) * contract + scale.shape).astype(dtype), qtype=jnp.int8)
-    return qwix.dot_general(x.astype(dtype), q, ((lhs, rhs), ((), ())))
+        y = jax.lax.dot_general(x.astype(dtype), w.astype(dtype), ((lhs, rhs), ((), ())))
+    else:
+        q = qwix.QArray(qvalue=w, scale=scale.reshape((1,) * contract + scale.shape).astype(dtype), qtype=jnp.int8)
+        y = qwix.dot_general(x.astype(dtype), q, ((lhs, rhs), ((), ())))
+    if lora is None:
+        return y
+    a, b, s = lora
+    u = jax.lax.dot_general(x.astype(dtype), a.astype(dtype), ((lhs, rhs), ((), ())))
+    return y + (jax.lax.dot_general(u, b.astype(dtype), (((u.ndim - 1,), (0,)), ((), ()))) * s).astype(y.dtype)

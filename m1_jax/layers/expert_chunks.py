@@ -28,7 +28,12 @@ matmuls); running the three projections as three separate chunked matmuls 85-115
 
 With int8 weights (``scales``, :mod:`m1_jax.quant`) each chunk's matmuls read the expert's int8 values
 (converted to the rows' dtype inside the loop, one expert at a time) and multiply their float32 outputs by
-the expert's per-output-channel scales; that path is forward only (inference).
+the expert's per-output-channel scales; without adapters that path is forward only (inference).
+
+LoRA adapters (``lora``, :mod:`m1_jax.lora`): each chunk's projections add ``(x @ A_e) @ B_e * alpha / rank``;
+the backward pass accumulates the adapters' gradients per expert in float32 from the same chunks. With
+int8 weights and adapters (QLoRA) the backward pass runs through the int8 values (the input gradient
+``(d * s) @ q^T``) and gives the frozen int8 weights no gradient.
 """
 
 from __future__ import annotations
@@ -94,25 +99,44 @@ def _write(buf, off, keep, new):
     return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(keep[:, None], new.astype(buf.dtype), old), off, 0)
 
 
-def _forward(rows, group_sizes, w1, w3, w2, chunk, residuals: bool, scales=None):
+def _expert(e: int, w1, w3, w2, scales, adapters, dtype):
+    """Expert ``e``'s weights in ``dtype`` (int8 values converted as read), their output scales (1 without)
+    and its adapters ((A, B) in ``dtype`` or None per weight)."""
+    ws = tuple(w[e].astype(dtype) for w in (w1, w3, w2))
+    cs = (1, 1, 1) if scales is None else tuple(s[e].astype(jnp.float32) for s in scales)
+    ads = tuple(None if ab is None else (ab[0][e].astype(dtype), ab[1][e].astype(dtype)) for ab in adapters)
+    return ws, cs, ads
+
+
+def _proj(xb, w, c, ad, lscale: float, dtype):
+    """One chunk's projection in float32: ``(xb @ w) * c`` plus ``(xb @ A) @ B * lscale`` with an adapter."""
+    p = _dot(xb, w, ((1,), (0,))) * c
+    if ad is not None:
+        p = p + _dot(_dot(xb, ad[0], ((1,), (0,))).astype(dtype), ad[1], ((1,), (0,))) * lscale
+    return p
+
+
+def _forward(rows, group_sizes, w1, w3, w2, chunk, residuals: bool, scales=None, adapters=(None,) * 3,
+             lscale: float = 1.0):
     """-> (y [M, D], h1 [M, I], h3 [M, I]): outputs and the two input projections (the residuals of the
-    backward pass; with ``residuals=False`` not kept: None). ``scales``: (s1, s3, s2) of int8 weights."""
+    backward pass; with ``residuals=False`` not kept: None). ``scales``: (s1, s3, s2) of int8 weights;
+    ``adapters``: LoRA (A, B) or None per weight, scaled by ``lscale``."""
     M, _ = rows.shape
     E, _, I = w1.shape
+    dt = rows.dtype
     starts, sizes = _runs(group_sizes)
     x = _padded(rows, chunk)
-    y = _zeros((M + chunk, w2.shape[-1]), rows.dtype, rows, group_sizes, w1, w3, w2)
-    h1 = h3 = _zeros((M + chunk, I), rows.dtype, rows, group_sizes, w1, w3) if residuals else None
+    y = _zeros((M + chunk, w2.shape[-1]), dt, rows, group_sizes, w1, w3, w2)
+    h1 = h3 = _zeros((M + chunk, I), dt, rows, group_sizes, w1, w3) if residuals else None
     for e in range(E):
-        a1, a3, a2 = (w[e].astype(rows.dtype) for w in (w1, w3, w2))
-        c1, c3, c2 = (1, 1, 1) if scales is None else (s[e].astype(jnp.float32) for s in scales)
+        ws, cs, ads = _expert(e, w1, w3, w2, scales, adapters, dt)
 
-        def body(off, keep, c, a1=a1, a3=a3, a2=a2, c1=c1, c3=c3, c2=c2):
+        def body(off, keep, c, ws=ws, cs=cs, ads=ads):
             y, h1, h3 = c
             xb = _slice(x, off, chunk)
-            p1 = (_dot(xb, a1, ((1,), (0,))) * c1).astype(rows.dtype)
-            p3 = (_dot(xb, a3, ((1,), (0,))) * c3).astype(rows.dtype)
-            yb = _dot(jax.nn.silu(p1) * p3, a2, ((1,), (0,))) * c2
+            p1 = _proj(xb, ws[0], cs[0], ads[0], lscale, dt).astype(dt)
+            p3 = _proj(xb, ws[1], cs[1], ads[1], lscale, dt).astype(dt)
+            yb = _proj(jax.nn.silu(p1) * p3, ws[2], cs[2], ads[2], lscale, dt)
             if not residuals:
                 return _write(y, off, keep, yb), None, None
             return _write(y, off, keep, yb), _write(h1, off, keep, p1), _write(h3, off, keep, p3)
@@ -121,66 +145,109 @@ def _forward(rows, group_sizes, w1, w3, w2, chunk, residuals: bool, scales=None)
     return (y[:M], h1[:M], h3[:M]) if residuals else (y[:M], None, None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _swiglu(rows, group_sizes, w1, w3, w2, chunk):
-    return _forward(rows, group_sizes, w1, w3, w2, chunk, residuals=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _swiglu(rows, group_sizes, w1, w3, w2, scales, adapters, chunk, lscale):
+    return _forward(rows, group_sizes, w1, w3, w2, chunk, False, scales, adapters, lscale)[0]
 
 
-def _swiglu_fwd(rows, group_sizes, w1, w3, w2, chunk):
-    y, h1, h3 = _forward(rows, group_sizes, w1, w3, w2, chunk, residuals=True)
-    return y, (rows, group_sizes, w1, w3, w2, h1, h3)
+def _swiglu_fwd(rows, group_sizes, w1, w3, w2, scales, adapters, chunk, lscale):
+    y, h1, h3 = _forward(rows, group_sizes, w1, w3, w2, chunk, True, scales, adapters, lscale)
+    return y, (rows, group_sizes, w1, w3, w2, scales, adapters, h1, h3)
 
 
-def _swiglu_bwd(chunk, res, dy):
-    rows, group_sizes, w1, w3, w2, h1, h3 = res
+def _low_rank_grads(inp, d, ad, lscale, dt, carry):
+    """A projection's adapter in the backward pass: its input ``inp`` [chunk, in], the gradient ``d``
+    [chunk, out] of its output -> (gradient of ``inp`` through the adapter, updated (gA, gB) sums)."""
+    a, b = ad
+    u = _dot(inp, a, ((1,), (0,))).astype(dt)  # [chunk, r]
+    gu = (_dot(d, b, ((1,), (1,))) * lscale).astype(dt)  # [chunk, r]
+    ga, gb = carry
+    ga = ga + _dot(inp, gu, ((0,), (0,)))
+    gb = gb + _dot(u, d, ((0,), (0,))) * lscale
+    return _dot(gu, a, ((1,), (1,))), (ga, gb)
+
+
+def _swiglu_bwd(chunk, lscale, res, dy):
+    rows, group_sizes, w1, w3, w2, scales, adapters, h1, h3 = res
     M, D = rows.shape
     E, _, I = w1.shape
+    dt = rows.dtype
+    weight_grads = scales is None  # int8 weights are frozen: no gradient
     starts, sizes = _runs(group_sizes)
-    x, p1, p3, g = (_padded(a, chunk) for a in (rows, h1, h3, dy.astype(rows.dtype)))
-    every = (rows, group_sizes, w1, w3, w2, dy)
-    dx = _zeros((M + chunk, D), rows.dtype, *every)
-    grads = []
+    x, p1, p3, g = (_padded(a, chunk) for a in (rows, h1, h3, dy.astype(dt)))
+    every = (rows, group_sizes, w1, w3, w2, dy, *jax.tree.leaves(adapters))
+    dx = _zeros((M + chunk, D), dt, *every)
+    grads, agrads = [], []
     for e in range(E):
-        a1, a3, a2 = w1[e], w3[e], w2[e]
+        ws, cs, ads = _expert(e, w1, w3, w2, scales, adapters, dt)
 
-        def body(off, keep, c, a1=a1, a3=a3, a2=a2):
-            dx, g1, g3, g2 = c
+        def body(off, keep, c, ws=ws, cs=cs, ads=ads):
+            dx, wg, lg = c
             xb, q1, q3 = _slice(x, off, chunk), _slice(p1, off, chunk), _slice(p3, off, chunk)
             gb = jnp.where(keep[:, None], _slice(g, off, chunk), 0)  # rows outside the run add nothing
             sig = jax.nn.sigmoid(q1)
             act = q1 * sig
-            g2 = g2 + _dot(act * q3, gb, ((0,), (0,)))
-            dh = _dot(gb, a2, ((1,), (1,))).astype(rows.dtype)
+            h = act * q3
+            lg = list(lg)
+            dh = _dot((gb * cs[2]).astype(dt), ws[2], ((1,), (1,)))
+            if ads[2] is not None:
+                dh_l, lg[2] = _low_rank_grads(h, gb, ads[2], lscale, dt, lg[2])
+                dh = dh + dh_l
+            dh = dh.astype(dt)
             d3 = dh * act
             d1 = dh * q3 * sig * (1 + q1 * (1 - sig))
-            g1 = g1 + _dot(xb, d1, ((0,), (0,)))
-            g3 = g3 + _dot(xb, d3, ((0,), (0,)))
-            dxb = _dot(d1, a1, ((1,), (1,))) + _dot(d3, a3, ((1,), (1,)))
-            return _write(dx, off, keep, dxb), g1, g3, g2
+            dxb = _dot((d1 * cs[0]).astype(dt), ws[0], ((1,), (1,))) + _dot((d3 * cs[1]).astype(dt), ws[1], ((1,), (1,)))
+            for j, (inp, d) in ((0, (xb, d1)), (1, (xb, d3))):
+                if ads[j] is not None:
+                    dx_l, lg[j] = _low_rank_grads(inp, d, ads[j], lscale, dt, lg[j])
+                    dxb = dxb + dx_l
+            if weight_grads:
+                g1, g3, g2 = wg
+                wg = (g1 + _dot(xb, d1, ((0,), (0,))), g3 + _dot(xb, d3, ((0,), (0,))), g2 + _dot(h, gb, ((0,), (0,))))
+            return _write(dx, off, keep, dxb), wg, tuple(lg)
 
-        zeros = (_zeros((D, I), jnp.float32, *every), _zeros((D, I), jnp.float32, *every),
-                 _zeros((I, D), jnp.float32, *every))
-        dx, *ge = _each_chunk(starts, sizes, e, chunk, body, (dx, *zeros))
-        grads.append(ge)
-    g1, g3, g2 = (jnp.stack(gs) for gs in zip(*grads))
-    return dx[:M], None, g1.astype(w1.dtype), g3.astype(w3.dtype), g2.astype(w2.dtype)
+        wz = ((_zeros((D, I), jnp.float32, *every), _zeros((D, I), jnp.float32, *every),
+               _zeros((I, D), jnp.float32, *every)) if weight_grads else None)
+        lz = tuple(None if ad is None else (_zeros(ad[0].shape, jnp.float32, *every), _zeros(ad[1].shape, jnp.float32,
+                                                                                                 *every))
+                   for ad in ads)
+        dx, wg, lg = _each_chunk(starts, sizes, e, chunk, body, (dx, wz, lz))
+        grads.append(wg)
+        agrads.append(lg)
+    if weight_grads:
+        g1, g3, g2 = (jnp.stack(gs).astype(w.dtype) for gs, w in zip(zip(*grads), (w1, w3, w2)))
+    else:
+        g1 = g3 = g2 = None
+    ga = tuple(None if ab is None else (jnp.stack([lg[j][0] for lg in agrads]).astype(ab[0].dtype),
+                                        jnp.stack([lg[j][1] for lg in agrads]).astype(ab[1].dtype))
+               for j, ab in enumerate(adapters))
+    return dx[:M], None, g1, g3, g2, None, ga
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def swiglu_chunked(rows: jax.Array, group_sizes: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
-                   chunk: int | None = None, scales=None) -> jax.Array:
+                   chunk: int | None = None, scales=None, lora=None) -> jax.Array:
     """Expert ``e`` on the ``e``-th run of ``rows`` [M, D] (runs of ``group_sizes`` int [E] rows, in expert
     order; rows past ``sum(group_sizes)`` get zeros, as with ``ragged_dot``). w1 / w3 [E, D, I],
     w2 [E, I, D], all in ``rows``' dtype -> [M, D]. ``chunk``: rows per chunk (default
     :func:`chunk_rows`). ``scales``: (s1 [E, I], s3 [E, I], s2 [E, D]) float32 of int8 weights (module
-    docstring; not differentiable)."""
+    docstring; the int8 weights get no gradient). ``lora``: (adapters, alpha / rank), adapters None or
+    (A [E, in, r], B [E, r, out]) per weight (:mod:`m1_jax.layers.experts`): added inside each chunk's
+    projections, with their gradients from the same chunks in the backward pass."""
     chunk = chunk_rows(rows.shape[0], w1.shape[0]) if chunk is None else int(chunk)
-    if scales is not None:
+    adapters, lscale = ((None,) * 3, 1.0) if lora is None else lora
+    adapters = tuple(adapters)
+    if scales is not None and lora is None:  # inference on int8 weights: forward only
         return _forward(rows, group_sizes, w1, w3, w2, chunk, residuals=False, scales=scales)[0]
     # Inside jax.shard_map the custom backward pass must return each gradient with its input's type: give
     # every float input the mesh axes all of them vary over first (a no-op on values; its own derivative
-    # sums a weight's gradient over the axes the rows are split on).
-    rows, w1, w3, w2 = (_zeros(a.shape, a.dtype, rows, w1, w3, w2) + a for a in (rows, w1, w3, w2))
-    return _swiglu(rows, group_sizes, w1, w3, w2, chunk)
+    # sums a weight's gradient over the axes the rows are split on). int8 weights get no gradient.
+    floats = [rows, *jax.tree.leaves(adapters)] + ([w1, w3, w2] if scales is None else [])
+    vary = lambda a: _zeros(a.shape, a.dtype, *floats) + a
+    rows = vary(rows)
+    if scales is None:
+        w1, w3, w2 = vary(w1), vary(w3), vary(w2)
+    adapters = jax.tree.map(vary, adapters)
+    return _swiglu(rows, group_sizes, w1, w3, w2, scales, adapters, chunk, float(lscale))

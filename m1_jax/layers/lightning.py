@@ -13,7 +13,7 @@ from flax import nnx
 
 from m1_jax import sharding
 from m1_jax.config import M1Config
-from m1_jax.layers.common import matmul, weight, weights_of
+from m1_jax.layers.common import adapter_of, matmul, weight, weights_of
 from m1_jax.layers.norms import RMSNorm
 from m1_jax.quant.spec import QuantConfig
 from pallas_kernels.lightning import lightning_attention, lightning_decode_step
@@ -81,4 +81,4 @@ class LightningAttention(nnx.Module):
 
     def _project(self, x: jax.Array, name: str, contract: int = 1) -> jax.Array:
         w, scale = weights_of(self, name)
-        return matmul(x, w, contract=contract, dtype=self.dtype, scale=scale)
+        return matmul(x, w, contract=contract, dtype=self.dtype, scale=scale, lora=adapter_of(self, name))

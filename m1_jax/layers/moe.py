@@ -22,7 +22,7 @@ from flax import nnx
 
 from m1_jax import sharding
 from m1_jax.config import M1Config
-from m1_jax.layers.common import param, weight
+from m1_jax.layers.common import adapter_of, param, weight
 from m1_jax.layers.experts import GROUPED, experts_dense, experts_grouped, grouped_impl
 from m1_jax.layers.moe_parallel import experts_sharded
 from m1_jax.quant.spec import QuantConfig
@@ -86,11 +86,21 @@ class MoE(nnx.Module):
         grouped = grouped_impl() if impl == "auto" else impl
         w = (self.w1[...], self.w3[...], self.w2[...])
         scales = None if self.w1_scale is None else (self.w1_scale[...], self.w3_scale[...], self.w2_scale[...])
+        lora = self._lora()
         if impl != "dense" and sharding.active_mesh() is not None:  # expert parallel (moe_parallel.py)
-            y = experts_sharded(x, weights, experts, *w, self.dtype, grouped=grouped, scales=scales)
+            y = experts_sharded(x, weights, experts, *w, self.dtype, grouped=grouped, scales=scales, lora=lora)
         else:
             flat = (x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1))
-            y = (experts_dense(*flat, *w, self.dtype, scales=scales) if impl == "dense"
-                 else experts_grouped(*flat, *w, self.dtype, grouped, scales=scales))
+            y = (experts_dense(*flat, *w, self.dtype, scales=scales, lora=lora) if impl == "dense"
+                 else experts_grouped(*flat, *w, self.dtype, grouped, scales=scales, lora=lora))
         aux = load_balancing_loss(logits, experts, self.cfg.num_local_experts, token_mask)
         return y.reshape(B, T, D), logits, aux
+
+    def _lora(self):
+        """The experts' LoRA adapters ((A, B) or None for w1, w3, w2; alpha / rank), or None
+        (:mod:`m1_jax.lora`)."""
+        ads = [adapter_of(self, name) for name in ("w1", "w3", "w2")]
+        if all(a is None for a in ads):
+            return None
+        scale = next(a[2] for a in ads if a is not None)
+        return tuple(None if a is None else a[:2] for a in ads), scale

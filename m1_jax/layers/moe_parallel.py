@@ -69,10 +69,12 @@ def _num_chunks(n: int, chunk_tokens: int) -> int:
     return 1
 
 
-def _local_experts(x, weights, experts, w1, w3, w2, scales, *, num_experts: int, ep: int, tensor: int, dtype,
-                   ragged: bool, grouped: str, chunk_tokens: int):
+def _local_experts(x, weights, experts, w1, w3, w2, scales, adapters, *, num_experts: int, ep: int, tensor: int,
+                   dtype, ragged: bool, grouped: str, chunk_tokens: int, lora_scale: float):
     """Per-device body. x [b, T, D]; weights/experts [b, T, k]; w1/w3 [E/ep, D, I/t]; w2 [E/ep, I/t, D];
-    ``scales`` of int8 weights (s1/s3 [E/ep, I/t], s2 [E/ep, D]) or None.
+    ``scales`` of int8 weights (s1/s3 [E/ep, I/t], s2 [E/ep, D]) or None; ``adapters``: LoRA (A, B) or None
+    per weight (A1/A3 [E/ep, D, r], B1/B3 [E/ep, r, I/t], A2 [E/ep, I/t, r], B2 [E/ep, r, D]) or None,
+    scaled by ``lora_scale``.
 
     The local tokens are processed in chunks of at most ``chunk_tokens`` (``lax.map`` over rematerialised
     chunks): the worst-case buffers scale with the chunk, not with all tokens of the device."""
@@ -80,8 +82,9 @@ def _local_experts(x, weights, experts, w1, w3, w2, scales, *, num_experts: int,
     k = experts.shape[-1]
     n = b * T
     args = (x.reshape(n, D), weights.reshape(n, k), experts.reshape(n, k))
-    routed = functools.partial(_routed, w1=w1, w3=w3, w2=w2, scales=scales, num_experts=num_experts, ep=ep,
-                               dtype=dtype, ragged=ragged, grouped=grouped)
+    lora = None if adapters is None else (adapters, lora_scale)
+    routed = functools.partial(_routed, w1=w1, w3=w3, w2=w2, scales=scales, lora=lora, num_experts=num_experts,
+                               ep=ep, dtype=dtype, ragged=ragged, grouped=grouped)
     c = _num_chunks(n, chunk_tokens)
     if c == 1:
         out = routed(*args)
@@ -93,11 +96,11 @@ def _local_experts(x, weights, experts, w1, w3, w2, scales, *, num_experts: int,
     return out.reshape(b, T, D)
 
 
-def _routed(x, weights, experts, *, w1, w3, w2, scales, num_experts: int, ep: int, dtype, ragged: bool,
+def _routed(x, weights, experts, *, w1, w3, w2, scales, lora, num_experts: int, ep: int, dtype, ragged: bool,
             grouped: str):
     """x [n, D], weights/experts [n, k] -> [n, D] (partial over ``tensor`` when the width is split)."""
     if ep == 1:  # all experts are local
-        return experts_grouped(x, weights, experts, w1, w3, w2, dtype, grouped, scales=scales)
+        return experts_grouped(x, weights, experts, w1, w3, w2, dtype, grouped, scales=scales, lora=lora)
     n, D = x.shape
     k = experts.shape[-1]
     xs, counts, order = sort_by_expert(x, experts, num_experts, dtype)  # xs [n*k, D]; counts [E]
@@ -128,14 +131,14 @@ def _routed(x, weights, experts, *, w1, w3, w2, scales, num_experts: int, ep: in
     perm = jnp.argsort(e, stable=True)
     # ``cap`` rows is the worst case; on average n * k rows arrive: chunks sized for that.
     y_sorted = swiglu_grouped(buf[perm], local_counts.sum(0), w1, w3, w2, dtype, grouped, chunk_rows(n * k, e_loc),
-                              scales=scales)
+                              scales=scales, lora=lora)
     y_recv = jnp.zeros_like(y_sorted).at[perm].set(y_sorted)
     y = exchange(y_recv, jnp.zeros((n * k, D), dtype), recv_offsets, recv, back_offsets, send)
     return combine(y, weights, order, dtype)
 
 
 def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = None, ragged: bool | None = None,
-                    chunk_tokens: int = CHUNK_TOKENS, grouped: str | None = None, scales=None):
+                    chunk_tokens: int = CHUNK_TOKENS, grouped: str | None = None, scales=None, lora=None):
     """The routed experts over ``mesh`` (default: the active mesh). x [B, T, D]; weights/experts
     [B, T, k]; w1/w3 [E, D, I]; w2 [E, I, D] -> [B, T, D].
 
@@ -146,6 +149,8 @@ def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = 
     :func:`m1_jax.layers.experts.grouped_impl`).
     ``scales``: (s1 [E, I], s3 [E, I], s2 [E, D]) float32 per-output-channel scales of int8 weights, sharded
     like the weights' expert and output axes (:mod:`m1_jax.layers.experts`).
+    ``lora``: (adapters, alpha / rank), adapters None or (A [E, in, r], B [E, r, out]) per weight, sharded on
+    the expert axis (and B1 / B3 and A2 on the expert width like the weights) (:mod:`m1_jax.layers.experts`).
     """
     mesh = mesh or sharding.active_mesh()
     E = w1.shape[0]
@@ -163,7 +168,15 @@ def experts_sharded(x, weights, experts, w1, w3, w2, dtype, mesh: Mesh | None = 
         s_specs = None if scales is None else (sharding.spec(("experts", "mlp"), scales[0].shape),
                                                sharding.spec(("experts", "mlp"), scales[1].shape),
                                                sharding.spec(("experts", None), scales[2].shape))
+        adapters, lora_scale = (None, 1.0) if lora is None else (tuple(lora[0]), float(lora[1]))
+        # A of w1 / w3 [E, D, r] and B of w2 [E, r, D]: whole per expert; B of w1 / w3 [E, r, I] and A of w2
+        # [E, I, r]: split on the width like the weights (w2's partial sums are reduced with its output).
+        ab_axes = ((("experts", None, None), ("experts", None, "mlp")),) * 2 + ((("experts", "mlp", None),
+                                                                                  ("experts", None, None)),)
+        a_specs = None if adapters is None else tuple(
+            None if ab is None else tuple(sharding.spec(ax, v.shape) for ax, v in zip(axes, ab))
+            for ab, axes in zip(adapters, ab_axes))
     body = functools.partial(_local_experts, num_experts=E, ep=ep, tensor=t, dtype=dtype, ragged=ragged,
-                             grouped=grouped, chunk_tokens=chunk_tokens)
-    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out, s_specs), out_specs=tok)(
-        x, weights, experts, w1, w3, w2, scales)
+                             grouped=grouped, chunk_tokens=chunk_tokens, lora_scale=lora_scale)
+    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out, s_specs, a_specs),
+                         out_specs=tok)(x, weights, experts, w1, w3, w2, scales, adapters)
