@@ -67,9 +67,10 @@ def test_scanned_and_unrolled_stacks_agree(tiny_cfg, tiny_ids):
     # agree exactly.)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_gives_the_same_gradients(tiny_cfg, tiny_ids, remat):
-    """Rematerialising each layer period changes memory, not the loss or the gradients."""
+@pytest.fixture(scope="module")
+def remat_grad(tiny_cfg, tiny_ids):
+    """(model, its jitted loss and gradients with ``remat`` static, those without remat): each remat policy's
+    test compares against the one computation without it."""
     model = m1_jax.init_model(tiny_cfg, seed=5)
 
     def loss(m, ids, remat):
@@ -77,7 +78,14 @@ def test_remat_gives_the_same_gradients(tiny_cfg, tiny_ids, remat):
         return jnp.mean(jax.nn.logsumexp(out.logits, axis=-1) - out.logits[..., 0]) + out.aux_loss
 
     grad = nnx.jit(nnx.value_and_grad(loss), static_argnums=2)
-    (l0, g0), (l1, g1) = grad(model, tiny_ids, "none"), grad(model, tiny_ids, remat)
+    return model, grad, grad(model, tiny_ids, "none")
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(remat_grad, tiny_ids, remat):
+    """Rematerialising each layer period changes memory, not the loss or the gradients."""
+    model, grad, (l0, g0) = remat_grad
+    l1, g1 = grad(model, tiny_ids, remat)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     flat0, flat1 = jax.tree.leaves(nnx.state(g0)), jax.tree.leaves(nnx.state(g1))
     assert len(flat0) == len(flat1) > 10
