@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import tiny_config
 
 from m1_jax import data, train
+from m1_jax.config import FULL, LINEAR
 from m1_jax.model import init_model
-from m1_jax.presets import resolve_config
 from m1_jax.run_config import DataSection
 from m1_jax.tokenizer import ByteTokenizer, END_OF_SENTENCE
 
@@ -19,7 +20,7 @@ T = 32
 
 
 def test_packed_batch_gives_each_document_its_own_loss():
-    cfg = resolve_config("tiny")
+    cfg = tiny_config(layer_types=[LINEAR, FULL])  # a lightning layer (its state resets) and a softmax layer
     model = init_model(cfg, seed=1)
     g, p = nnx.split(model)
     rng = np.random.default_rng(0)
