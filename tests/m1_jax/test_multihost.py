@@ -16,6 +16,7 @@ from test_checkpoint import text_corpus, tiny_run
 
 REPO = Path(__file__).resolve().parents[2]
 MESH = "data=2,fsdp=2,expert=2,tensor=1"
+STEPS = 2  # the second step starts from the first's optimizer state; one checkpoint (tiny_run saves every 2)
 
 WORKER = textwrap.dedent("""
     import os, sys
@@ -28,7 +29,7 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     from test_checkpoint import tiny_run
     from m1_jax.train_loop import fit
-    run = tiny_run(Path({corpus!r}), 3, mesh={mesh!r})
+    run = tiny_run(Path({corpus!r}), {steps}, mesh={mesh!r})
     run.data.shards = 2
     s = fit(run, {workdir!r}, progress=False)
     params = {{".".join(map(str, k)): np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True))
@@ -48,7 +49,7 @@ def test_two_processes_match_one(tmp_path):
     corpus = text_corpus(tmp_path)
     out = tmp_path / "multi.npz"
     script = WORKER.format(tests=str(Path(__file__).parent), coord=f"127.0.0.1:{free_port()}", corpus=str(corpus),
-                           mesh=MESH, workdir=str(tmp_path / "multi"), out=str(out))
+                           steps=STEPS, mesh=MESH, workdir=str(tmp_path / "multi"), out=str(out))
     procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
@@ -58,7 +59,7 @@ def test_two_processes_match_one(tmp_path):
             p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
 
-    run = tiny_run(corpus, 3, mesh=MESH)
+    run = tiny_run(corpus, STEPS, mesh=MESH)
     run.data.shards = 2
     single = fit(run, str(tmp_path / "single"), progress=False)
     got = np.load(out)
