@@ -90,10 +90,11 @@ def test_info_from_another_directory(installed):
 @pytest.mark.slow
 def test_train_from_another_directory(installed):
     """``m1 train`` with the default run config (the ``train-demo`` preset), shortened: two steps of
-    32 tokens, a 4-token sample from the saved checkpoint."""
+    32 tokens compiled without XLA's backend optimisations, a 4-token sample from the saved checkpoint."""
     workdir = installed[2] / "run"
     out = _python(installed, "-m", "m1_jax.cli", "train", "--steps", "2", "--workdir", str(workdir),
-                  "--no-progress", "--set", "data.seq_len=32", "--set", "train.sample_tokens=4", timeout=600)
+                  "--no-progress", "--set", "data.seq_len=32", "--set", "train.sample_tokens=4",
+                  "--set", "train.fast_compile=true", timeout=600)
     assert "trained steps 1..2" in out and "sample from the checkpoint" in out, out
     assert (workdir / "checkpoints" / "2").is_dir()
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
