@@ -1,10 +1,13 @@
-"""``tools/bench_rl.py`` end to end on the tiny preset with the smallest sizes: one table row with every
-response run to its length, positive timings and throughputs, and a split that sums to the step."""
+"""``tools/bench_rl.py`` end to end on the tiny preset (one layer of each kind) with the smallest sizes: one table
+row with every response run to its length, positive timings and throughputs, and a split that sums to the step."""
 
 import json
 
 import pytest
+from tiny_models import tiny_config
 from tool_loader import load_tool
+
+from m1_jax.config import FULL, LINEAR
 
 
 def _table(text: str) -> list[list[str]]:
@@ -12,9 +15,11 @@ def _table(text: str) -> list[list[str]]:
             if line.startswith("| ") and not line.startswith("|---")]
 
 
-def test_bench_rl_times_one_step(tmp_path, capsys):
+def test_bench_rl_times_one_step(tmp_path, capsys, monkeypatch):
     out = tmp_path / "rl.json"
     tool = load_tool("bench_rl")
+    # the tiny preset with one layer of each kind: the same table, half the compile
+    monkeypatch.setitem(tool.CONFIGS, "tiny", lambda: tiny_config(layer_types=[LINEAR, FULL]))
     assert tool.main(["--configs", "tiny", "--prompts", "1", "--group-size", "2", "--prompt-len", "3",
                       "--max-new-tokens", "2", "--rounds", "2", "--repeats", "1", "--out", str(out)]) == 0
     header, *rows = _table(capsys.readouterr().out)
