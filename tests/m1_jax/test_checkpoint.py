@@ -45,6 +45,7 @@ def tiny_run(corpus: Path, steps: int, mesh: str = "data=2,fsdp=2,expert=2,tenso
     run = RunConfig()
     run.model.config = str(corpus.parent / "model.json")  # the tiny preset with one layer of each kind
     run.data.source, run.data.seq_len, run.data.batch_size = str(corpus), 32, 8
+    run.data.shards = 2  # the stream two processes read (test_multihost), the same in one
     run.train.steps, run.train.mesh, run.train.checkpoint_every = steps, mesh, 2
     run.train.fast_compile, run.train.sample_tokens = True, 0
     run.optimizer.warmup_steps, run.optimizer.decay_steps = 1, 8  # one schedule: runs share the compiled step

@@ -1,5 +1,5 @@
 """Two CPU processes (jax.distributed, gloo) of 4 devices each train to the same losses and parameters
-as one process with 8 devices."""
+as one process with 8 devices (the shared 2-step run, tests/m1_jax/conftest.py)."""
 
 import socket
 import subprocess
@@ -8,15 +8,10 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
-
-from m1_jax.train_loop import fit
-
-from test_checkpoint import text_corpus, tiny_run
+from test_checkpoint import final_params_of, losses_of
 
 REPO = Path(__file__).resolve().parents[2]
-MESH = "data=2,fsdp=2,expert=2,tensor=1"
-STEPS = 2  # the second step starts from the first's optimizer state; one checkpoint (tiny_run saves every 2)
+MESH = "data=2,fsdp=2,expert=2,tensor=1"  # tiny_run's, as the shared run's
 
 WORKER = textwrap.dedent("""
     import os, sys
@@ -29,10 +24,9 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     from test_checkpoint import tiny_run
     from m1_jax.train_loop import fit
-    run = tiny_run(Path({corpus!r}), {steps}, mesh={mesh!r})
-    run.data.shards = 2
+    run = tiny_run(Path({corpus!r}), {steps}, mesh={mesh!r})  # two data shards: one per process
     s = fit(run, {workdir!r}, progress=False)
-    params = {{".".join(map(str, k)): np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True))
+    params = {{"/".join(map(str, k)): np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True))
               for k, v in nnx.to_flat_state(s.final_state.params())}}
     if jax.process_index() == 0:
         np.savez({out!r}, losses=np.array(s.losses), **params)
@@ -45,11 +39,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    corpus = text_corpus(tmp_path)
+def test_two_processes_match_one(trained_workdir, trained_corpus, tmp_path):
     out = tmp_path / "multi.npz"
-    script = WORKER.format(tests=str(Path(__file__).parent), coord=f"127.0.0.1:{free_port()}", corpus=str(corpus),
-                           steps=STEPS, mesh=MESH, workdir=str(tmp_path / "multi"), out=str(out))
+    single = list(losses_of(trained_workdir).values())  # one process, the same steps
+    script = WORKER.format(tests=str(Path(__file__).parent), coord=f"127.0.0.1:{free_port()}",
+                           corpus=str(trained_corpus), steps=len(single), mesh=MESH, workdir=str(tmp_path / "multi"),
+                           out=str(out))
     procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
@@ -59,10 +54,9 @@ def test_two_processes_match_one(tmp_path):
             p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
 
-    run = tiny_run(corpus, STEPS, mesh=MESH)
-    run.data.shards = 2
-    single = fit(run, str(tmp_path / "single"), progress=False)
     got = np.load(out)
-    np.testing.assert_allclose(got["losses"], single.losses, rtol=1e-6)
-    for k, v in nnx.to_flat_state(single.final_state.params()):
-        np.testing.assert_allclose(got[".".join(map(str, k))], np.asarray(v), rtol=1e-6, atol=1e-7, err_msg=str(k))
+    np.testing.assert_allclose(got["losses"], single, rtol=1e-6)
+    want = final_params_of(trained_workdir)
+    assert set(got.files) == set(want) | {"losses"}
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
