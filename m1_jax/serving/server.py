@@ -157,13 +157,20 @@ def create_app(engine: Engine, model_name: str, tokenizer, *, metrics=None) -> F
     async def chat_completions(request: HTTPRequest):
         return await run(request, api.parse_chat, chat_answer, chat_stream)
 
-    async def chat_answer(request, choices: _Choices, parsed: api.Parsed):
+    async def results(request: HTTPRequest, choices: _Choices):
+        """(token events, done events) of every choice, or the response to send instead: 499 when the
+        client went away, 500 when the engine failed."""
         got = await collect(request, choices)
         if got is None:
             return Response(status_code=499)
+        failed = next((d for d in got[1].values() if d.error), None)
+        return got if failed is None else _server_error(failed)
+
+    async def chat_answer(request, choices: _Choices, parsed: api.Parsed):
+        got = await results(request, choices)
+        if isinstance(got, Response):
+            return got
         tokens, done = got
-        if any(d.error for d in done.values()):
-            return _server_error(next(d for d in done.values() if d.error))
         out = []
         for i in sorted(done):
             text = "".join(ev.text for ev in tokens[i]) + done[i].text
@@ -214,12 +221,10 @@ def create_app(engine: Engine, model_name: str, tokenizer, *, metrics=None) -> F
         return await run(request, api.parse_completion, completion_answer, completion_stream)
 
     async def completion_answer(request, choices: _Choices, parsed: api.Parsed):
-        got = await collect(request, choices)
-        if got is None:
-            return Response(status_code=499)
+        got = await results(request, choices)
+        if isinstance(got, Response):
+            return got
         tokens, done = got
-        if any(d.error for d in done.values()):
-            return _server_error(next(d for d in done.values() if d.error))
         out = [{"index": i, "text": "".join(ev.text for ev in tokens[i]) + done[i].text,
                 "logprobs": api.completion_logprobs(tokenizer, tokens[i]) if parsed.logprobs else None,
                 "finish_reason": done[i].finish_reason} for i in sorted(done)]
