@@ -126,6 +126,30 @@ def _dot(a, b, dims):
     return jax.lax.dot_general(a, b, (dims, ((), ())), precision=prec, preferred_element_type=_F32)
 
 
+def _rows(n, c_len: int):
+    """The rows of chunk n (a Python int or a loop index) of a block of whole chunks."""
+    return pl.ds(n * c_len if isinstance(n, int) else pl.multiple_of(n * c_len, c_len), c_len)
+
+
+def _chunk(s, x, y, z, p, r, state, *, mm, reverse=False, out=True, update=True):
+    """One chunk of a scan, the formulas above: (O or None, the next state or None).
+
+    x, y [C, d_x] (x unused without ``out``), z [C, tile]; p, r (C,) positions and runs; state [d_x, tile],
+    float32 or already the matmul dtype ``mm`` (the split forward's saved states).
+    """
+    masks = chunk_masks(p[None, :], r[None, :], p[:, None], r[:, None], reverse=reverse)
+    m, a, g, c = chunk_decays(s, masks)
+    if reverse:  # the state enters at the chunk's end and leaves at its start
+        a, c = c, a
+    o = new = None
+    if out:
+        scores = _dot(x, y, ((1,), (1,))) * m
+        o = _dot(scores.astype(mm), z, ((1,), (0,))) + a * _dot(x, state.astype(mm), ((1,), (0,)))
+    if update:
+        new = g * state + _dot((y.astype(_F32) * c).astype(mm), z, ((0,), (0,)))
+    return o, new
+
+
 def _scan_kernel(slopes_ref, x_ref, y_ref, z_ref, s0_ref, pos_ref, run_ref, o_ref, st_ref, *, cfg: _Scan):
     s = slopes_ref[pl.program_id(1)]
     mm = jnp.dtype(cfg.mm_dtype)
@@ -133,17 +157,11 @@ def _scan_kernel(slopes_ref, x_ref, y_ref, z_ref, s0_ref, pos_ref, run_ref, o_re
 
     def step(i, state):
         n = nc - 1 - i if cfg.reverse else i
-        rows = pl.ds(pl.multiple_of(n * c_len, c_len), c_len)
-        x, y, z = x_ref[rows, :], y_ref[rows, :], z_ref[rows, :]
-        p, r = pos_ref[n, :], run_ref[n, :]
-        masks = chunk_masks(p[None, :], r[None, :], p[:, None], r[:, None], reverse=cfg.reverse)
-        m, a, g, c = chunk_decays(s, masks)
-        if cfg.reverse:  # the state enters at the chunk's end and leaves at its start
-            a, c = c, a
-        scores = _dot(x, y, ((1,), (1,))) * m
-        o = _dot(scores.astype(mm), z, ((1,), (0,))) + a * _dot(x, state.astype(mm), ((1,), (0,)))
+        rows = _rows(n, c_len)
+        o, state = _chunk(s, x_ref[rows, :], y_ref[rows, :], z_ref[rows, :], pos_ref[n, :], run_ref[n, :], state,
+                          mm=mm, reverse=cfg.reverse)
         o_ref[rows, :] = o.astype(o_ref.dtype)
-        return g * state + _dot((y.astype(_F32) * c).astype(mm), z, ((0,), (0,)))
+        return state
 
     st_ref[...] = jax.lax.fori_loop(0, nc, step, s0_ref[...])
 
