@@ -1,6 +1,6 @@
-"""LoRA: the adapters in every expert path and their gradients, training on the 8-device mesh equal to one
-device, exact resume, `m1 export --merge-lora` (base + A B alpha / rank) and the PEFT adapter loaded by
-`peft` onto the exported transformers model."""
+"""LoRA: the adapters in every expert path and their gradients, training on the 8-device mesh (fsdp, expert
+and tensor shards) equal to one device, exact resume, QLoRA on int8 experts, `m1 export --merge-lora`
+(base + A B alpha / rank) and the PEFT adapter loaded by `peft` onto the exported transformers model."""
 
 import contextlib
 import shutil
@@ -23,6 +23,7 @@ from m1_jax.lora import LoraConfig, LoraError, LoraParam, add_adapters, merge_ad
 from m1_jax.lora.spec import parse_flag
 from m1_jax.model import init_model
 from m1_jax.presets import resolve_config
+from m1_jax.quant.spec import SCALE_SUFFIX, dequantize
 from m1_jax.quant.spec import quantize as quantize_weight
 from m1_jax.run_config import RunConfig
 from m1_jax.train_loop import fit
@@ -101,16 +102,20 @@ def test_merge_adapters_in_place():
                                w + 2.0 * np.einsum("peir,perd->peid", a, b), rtol=1e-6, atol=1e-7)
 
 
+MESH = "fsdp=2,expert=2,tensor=2"  # every weight axis sharded: adapters on fsdp, expert and tensor shards
+
+
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, trained_corpus, trained_workdir):
     """LoRA fine-tunes of the shared trained model: 2 steps on the 8-device mesh (a checkpoint per step), the
-    same 2 steps on one device, and the first run resumed from its step 1."""
+    same 2 steps on one device, the first run resumed from its step 1, and the same 2 steps as QLoRA (int8
+    experts) on the mesh."""
     root = tmp_path_factory.mktemp("lora")
 
-    def run_of(mesh="data=2,fsdp=2,expert=2,tensor=1"):
-        run = tiny_run(trained_corpus, 2, mesh)
+    def run_of(flag="rank=4,alpha=8,targets=all"):
+        run = tiny_run(trained_corpus, 2, MESH)
         run.train.checkpoint_every, run.train.async_checkpointing = 1, False
-        for k, v in parse_flag("rank=4,alpha=8,targets=all").items():
+        for k, v in parse_flag(flag).items():
             run.set(f"lora.{k}", v)
         run.optimizer.eps = 1e-4  # well-conditioned parameter comparisons (tests/m1_jax/test_train.py)
         return run
@@ -122,7 +127,10 @@ def lora_runs(tmp_path_factory, trained_corpus, trained_workdir):
     shutil.copytree(root / "sharded", resumed_dir)
     shutil.rmtree(resumed_dir / "checkpoints" / "2")
     resumed = fit(run_of(), str(resumed_dir), resume=True, init_from=str(trained_workdir), progress=False)
-    return {"root": root, "sharded": sharded, "one": one, "resumed": resumed, "base": trained_workdir}
+    qlora = fit(run_of("rank=4,alpha=8,targets=all,base=int8"), str(root / "qlora"),
+                init_from=str(trained_workdir), progress=False)
+    return {"root": root, "sharded": sharded, "one": one, "resumed": resumed, "qlora": qlora,
+            "base": trained_workdir}
 
 
 def test_lora_training_trains_only_the_adapters(lora_runs):
@@ -162,32 +170,57 @@ def test_resume_refuses_other_adapters(lora_runs, trained_corpus, trained_workdi
         fit(run, str(tmp_path / "w"), resume=True, init_from=str(trained_workdir), progress=False)
 
 
+def assert_merged_export(summary, workdir, out):
+    """``m1 export --merge-lora`` of ``workdir`` writes every targeted weight as base + A B * alpha / rank (an
+    int8 base dequantized first), every other weight as trained, and gives the LoRA model's logits."""
+    export(str(workdir), str(out), merge_lora=True, progress=False)
+    merged = m1_jax.from_pretrained(out)
+    got = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(merged))}
+    trained = params_of(summary)
+    scale = 8.0 / 4
+    n = 0
+    for k, w in got.items():
+        stacked = 2 if "block_sparse_moe" in k else 1  # periods (and experts)
+        base = trained[k]
+        if base.dtype == np.int8:  # QLoRA: the experts were trained on their int8 values, frozen
+            base = dequantize(base, trained[k + SCALE_SUFFIX], stacked, 1)
+        if k + "_lora_a" not in trained:
+            np.testing.assert_array_equal(w, base, err_msg=k)
+            continue
+        a, b = trained[k + "_lora_a"], trained[k + "_lora_b"]
+        flat = lambda x, cut: x.reshape(x.shape[:stacked] + (int(np.prod(x.shape[stacked:cut])), -1))
+        ab = np.einsum("...ir,...ro->...io", flat(a, a.ndim - 1), flat(b, stacked + 1).astype(np.float64))
+        want = base.astype(np.float64) + scale * ab.reshape(base.shape)
+        np.testing.assert_allclose(w, want, rtol=1e-6, atol=1e-7, err_msg=k)
+        assert np.abs(want - base).max() > 1e-6  # the adapter moved the weight
+        n += 1
+    assert n == sum(1 for k in trained if k.endswith("_lora_a"))
+    lora_model = m1_jax.from_pretrained(workdir)  # the adapters restored with the model
+    np.testing.assert_allclose(np.asarray(merged(IDS)), np.asarray(lora_model(IDS)), atol=1e-4, rtol=1e-5)
+
+
 def test_merge_lora_export_equals_base_plus_ba(lora_runs, tmp_path):
     workdir = lora_runs["root"] / "sharded"
     with pytest.raises(CheckpointError, match="pass --merge-lora"):
         export(str(workdir), str(tmp_path / "plain"), progress=False)
     assert not (tmp_path / "plain").exists()
-    export(str(workdir), str(tmp_path / "merged"), merge_lora=True, progress=False)
-    merged = m1_jax.from_pretrained(tmp_path / "merged")
-    got = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(merged))}
-    trained = params_of(lora_runs["sharded"])
-    scale = 8.0 / 4
-    n = 0
-    for k, w in got.items():
-        if k + "_lora_a" not in trained:
-            np.testing.assert_array_equal(w, trained[k], err_msg=k)
-            continue
-        a, b = trained[k + "_lora_a"], trained[k + "_lora_b"]
-        stacked = 2 if "block_sparse_moe" in k else 1  # periods (and experts)
-        flat = lambda x, cut: x.reshape(x.shape[:stacked] + (int(np.prod(x.shape[stacked:cut])), -1))
-        ab = np.einsum("...ir,...ro->...io", flat(a, a.ndim - 1), flat(b, stacked + 1).astype(np.float64))
-        want = trained[k].astype(np.float64) + scale * ab.reshape(trained[k].shape)
-        np.testing.assert_allclose(w, want, rtol=1e-6, atol=1e-7, err_msg=k)
-        assert np.abs(want - trained[k]).max() > 1e-6  # the adapter moved the weight
-        n += 1
-    assert n == sum(1 for k in trained if k.endswith("_lora_a"))
-    lora_model = m1_jax.from_pretrained(workdir)  # the adapters restored with the model
-    np.testing.assert_allclose(np.asarray(merged(IDS)), np.asarray(lora_model(IDS)), atol=1e-4, rtol=1e-5)
+    assert_merged_export(lora_runs["sharded"], workdir, tmp_path / "merged")
+
+
+def test_qlora_trains_adapters_on_frozen_int8_experts_and_exports_merged(lora_runs, tmp_path):
+    """QLoRA end to end: the experts stay the int8 values (and scales) of the base quantized on load, only the
+    adapters move, and the merged export is the dequantized base + A B * alpha / rank."""
+    q = lora_runs["qlora"]
+    got = params_of(q)
+    base = m1_jax.from_pretrained(lora_runs["base"], quantize="int8")
+    want = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(base, nnx.Param))}
+    int8 = [k for k, v in want.items() if v.dtype == np.int8]
+    assert int8 and all(k.endswith(("w1", "w2", "w3")) for k in int8)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    assert all(np.abs(got[k]).max() > 0 for k in got if k.endswith("_lora_b"))
+    assert q.counts["optimizer_bytes"] < q.counts["full_optimizer_bytes"] / 2
+    assert_merged_export(q, lora_runs["root"] / "qlora", tmp_path / "merged")
 
 
 def test_peft_adapter_matches_m1_jax(lora_runs, tmp_path):
