@@ -23,8 +23,11 @@ On an NVIDIA GPU "pallas" is the Pallas GPU (Triton) kernel, and three options c
   scale 1, final state returned) on the same inputs (shared through DLPack), timed the same way (wall time
   of --inner calls after a device sync), after checking that its outputs, final states and gradients agree
   with the Pallas kernel's;
-* --variants: the Pallas kernel's chunk / state tile / warps / pipeline stages swept at the longest
-  length; the fastest forward+backward one is used for the table;
+* --variants: Pallas kernel variants swept at the longest length: the forward (the chunk scan, or
+  "split-..." for the split forward: a state pass, then an output pass parallel over chunks), chunk / state
+  tile / warps / pipeline stages, and the split forward's key tile / output tile / chunks per output program;
+  each variant's time over fla's at that length is in the summary, and the fastest forward+backward one is
+  used for the table;
 * --decode-batch: one decode step of that batch (float32 state), xla and the Pallas kernel, timed as a
   jitted, unrolled loop of --decode-steps steps, with its memory traffic (the state read and written, q/k/v/o) as
   a bandwidth, against a device-to-device copy measured in the same run and --peak-tbps.
@@ -77,16 +80,33 @@ def softmax_attention(q, k, v):
     return jnp.moveaxis(jax.lax.map(one_head, xs), 0, 2)
 
 
-def parse_variants(text: str, keys: dict[str, str]) -> list[tuple[str, dict[str, int]]]:
-    """"c64-t64-w4-s2,c128-t64-w8-s2" -> [("pallas c64-t64-w4-s2", {"chunk": 64, ...}), ...] for keys
-    {"c": "chunk", ...}."""
+# --variants: the number parts, and the words that may come first (the forward)
+KERNEL_KEYS = {"c": "chunk", "t": "value_tile", "w": "num_warps", "s": "num_stages", "k": "key_tile",
+               "o": "out_tile", "n": "out_chunks"}
+FORWARD_WORDS = {"scan": ("forward", "scan"), "split": ("forward", "split")}
+SPLIT_ONLY = ("key_tile", "out_tile", "out_chunks")
+
+
+def parse_variants(text: str, keys: dict[str, str],
+                   words: dict[str, tuple[str, str]] | None = None) -> list[tuple[str, dict[str, int | str]]]:
+    """"c64-t64-w4-s2,split-c64-n2" -> [("pallas c64-t64-w4-s2", {"chunk": 64, ...}),
+    ("pallas split-c64-n2", {"forward": "split", "chunk": 64, "out_chunks": 2})] for keys {"c": "chunk", ...}
+    and words {"split": ("forward", "split"), ...} (a word, if any, comes first)."""
+    words = words or {}
     out = []
     for item in filter(None, text.split(",")):
-        kw = {}
-        for part in item.split("-"):
+        kw: dict[str, int | str] = {}
+        parts = item.split("-")
+        if parts[0] in words:
+            name, value = words[parts.pop(0)]
+            kw[name] = value
+        for part in parts:
             if part[:1] not in keys or not part[1:].isdigit():
-                raise ValueError(f"bad variant {item!r}: parts are {'/'.join(keys)} followed by a number")
+                first = f" after an optional {'/'.join(words)}" if words else ""
+                raise ValueError(f"bad variant {item!r}: parts are {'/'.join(keys)} followed by a number{first}")
             kw[keys[part[:1]]] = int(part[1:])
+        if kw.get("forward") != "split" and any(key in kw for key in SPLIT_ONLY):
+            raise ValueError(f"bad variant {item!r}: k/o/n apply to the split forward only (split-...)")
         out.append((f"pallas {item}", kw))
     return out
 
@@ -287,7 +307,10 @@ def main(argv=None):
         "--pallas-max", type=int, default=1024, help="longest length for the Pallas kernels in interpret mode"
     )
     p.add_argument("--fla", action="store_true", help="time flash-linear-attention's chunk_simple_gla beside")
-    p.add_argument("--variants", default="", help="Pallas GPU kernel variants to sweep, e.g. c64-t64-w4-s2,c64-t32-w4-s3")
+    p.add_argument("--variants", default="",
+                   help="Pallas GPU kernel variants to sweep, e.g. c64-t32-w4-s2,split-c64-t32-k64-o128-n1-w4-s2 "
+                        "(c chunk, t state tile, w warps, s stages; split: k key tile, o output tile, "
+                        "n chunks per output program)")
     p.add_argument("--decode-batch", type=int, default=0, help="time the decode step at this batch (0: no)")
     p.add_argument("--decode-steps", type=int, default=20, help="decode steps per timed loop")
     p.add_argument("--decode-variants", default="", help="Pallas decode variants, e.g. t32-w4,t128-w8")
@@ -298,7 +321,7 @@ def main(argv=None):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     try:
-        variants = parse_variants(args.variants, {"c": "chunk", "t": "value_tile", "w": "num_warps", "s": "num_stages"})
+        variants = parse_variants(args.variants, KERNEL_KEYS, FORWARD_WORDS)
         parse_variants(args.decode_variants, {"t": "value_tile", "w": "num_warps"})
     except ValueError as e:
         p.error(f"--variants / --decode-variants: {e}")
@@ -356,7 +379,9 @@ def main(argv=None):
     if variants:
         t = max(lengths)
         q, k, v = inputs(t)
-        print(f"# Pallas variants at T={t} (chunk c, state tile t, warps w, stages s)")
+        print(f"# Pallas variants at T={t} (scan or split forward; chunk c, state tile t, warps w, stages s; "
+              "split: key tile k, output tile o, chunks per output program n)")
+        width = max(len(name) for name, _ in variants)
         for name, kw in variants:
             fwd, grad = make_fns("pallas", 256, slopes, kw)
             row = dict(variant=name, T=t, **kw)
@@ -367,14 +392,15 @@ def main(argv=None):
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             sweep.append(row)
             if "error" in row:
-                print(f"{row['variant']:<26} failed: {row['error']}", flush=True)
+                print(f"{row['variant']:<{width}} failed: {row['error']}", flush=True)
             else:
-                print(f"{row['variant']:<26} fwd {row['fwd_s'] * unit:9.3f} {uname}   fwd+bwd "
+                print(f"{row['variant']:<{width}} fwd {row['fwd_s'] * unit:9.3f} {uname}   fwd+bwd "
                       f"{row['fwdbwd_s'] * unit:9.3f} {uname}", flush=True)
         ok = [r for r in sweep if "error" not in r]
         if ok:
             best_name, best = next(v for v, r in zip(variants, sweep) if r is min(ok, key=lambda r: r["fwdbwd_s"]))
-            print(f"# fastest fwd+bwd: {best_name}", flush=True)
+            print(f"# fastest fwd: {min(ok, key=lambda r: r['fwd_s'])['variant']}; fastest fwd+bwd: {best_name}",
+                  flush=True)
         del q, k, v
 
     configs = (
@@ -480,6 +506,13 @@ def main(argv=None):
         if ours and theirs:
             summary[f"pallas_over_fla_{t}_fwd"] = ours["fwd_s"] / theirs["fwd_s"]
             summary[f"pallas_over_fla_{t}_fwdbwd"] = ours["fwdbwd_s"] / theirs["fwdbwd_s"]
+    for row in sweep:  # every variant against fla at the sweep's length
+        theirs = by.get(("fla", None, row["T"]))
+        if "error" not in row and theirs and theirs.get("fwd_s") and theirs.get("fwdbwd_s"):
+            name = row["variant"].replace(" ", "_")
+            row["over_fla_fwd"] = summary[f"{name}_over_fla_{row['T']}_fwd"] = row["fwd_s"] / theirs["fwd_s"]
+            row["over_fla_fwdbwd"] = summary[f"{name}_over_fla_{row['T']}_fwdbwd"] = (
+                row["fwdbwd_s"] / theirs["fwdbwd_s"])
     for key, val in summary.items():
         print(f"{key}: {val:.2f}")
     with open(args.out, "w") as f:
