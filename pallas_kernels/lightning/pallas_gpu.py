@@ -89,7 +89,7 @@ _SQ = pl.Squeezed()
 MAX_CHUNK = 64  # longest chunk: its C x C float32 scores live in registers (chunk 128 and 32 were slower)
 VALUE_TILE = 32  # state columns per program of the chunk scans (64: +8% forward time at 64k tokens)
 DECODE_TILE, DECODE_WARPS = 128, 8  # decode step: one head's whole state per program, 8 warps
-# The split forward's (not measured on a GPU yet; fla's choices where it has one):
+# The split forward's (not measured on a GPU yet; within the ranges flash-linear-attention's autotuner tries):
 STATE_KEY_TILE = 64  # state rows per program of the state pass (its columns: VALUE_TILE)
 OUT_TILE = 128  # output columns per program of the output pass (128: q k^T and the decays once per chunk)
 FORWARDS = ("scan", "split")
