@@ -6,9 +6,11 @@ its message holds both numbers (:func:`hbm_shortfall`). To point at a plan that 
 ``train`` and ``rl`` (the RL update holds the train step's state) also their gradients and AdamW's two
 moments, for ``decode`` / ``prefill`` the inference cache, each divided over the mesh as the sharding
 rules (:mod:`m1_jax.sharding`) divide it, plus the largest weight that ``fsdp`` gathers whole (one
-layer's slice of the stacked weights). What the given plan needs beyond its own estimate (activations,
-XLA's temporaries, the batch, for ``rl`` with its float32 arrays) is taken to be the same on every
-candidate. It is an estimate: a plan that fits by it still has to be compiled to be sure.
+layer's slice of the stacked weights); with int8 weights (``quantize``, :mod:`m1_jax.quant`) the
+parameters are the quantized model's, the int8 values (1 byte each) and their float32 scales. What the
+given plan needs beyond its own estimate (activations, XLA's temporaries, the batch, for ``rl`` with its
+float32 arrays) is taken to be the same on every candidate. It is an estimate: a plan that fits by it
+still has to be compiled to be sure.
 
 Candidates: the given topology, then larger ones of the same TPU generation (one dimension doubled at
 a time, up to the generation's largest slice); on each, every mesh over its devices that the model and
@@ -33,6 +35,7 @@ from m1_jax import aot, sharding
 from m1_jax.cache import cache_shapes, cache_shardings, round_max_len
 from m1_jax.config import M1Config
 from m1_jax.model import abstract_model
+from m1_jax.quant.spec import resolve as resolve_quantize
 
 GiB = aot.GiB
 # The largest slice of each generation, dimensions in ascending order (Cloud TPU documentation).
@@ -45,9 +48,9 @@ GATHERED = "largest weight gathered over fsdp"
 OTHER = "activations and temporaries as on the given plan"
 # Modes whose step holds gradients and AdamW's two moments next to the parameters.
 OPTIMIZER_MODES = ("train", "rl")
-ESTIMATE_NOTE = ("estimate: parameters, gradients and AdamW moments (train, rl) or the inference cache (decode, "
-                 "prefill) as the mesh shards them, the largest weight fsdp gathers, and the rest of the given "
-                 "plan's need as it is; compile the plan to confirm")
+ESTIMATE_NOTE = ("estimate: parameters (int8 weights as stored), gradients and AdamW moments (train, rl) or the "
+                 "inference cache (decode, prefill) as the mesh shards them, the largest weight fsdp gathers, and "
+                 "the rest of the given plan's need as it is; compile the plan to confirm")
 
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 _SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"
@@ -84,11 +87,17 @@ class Fit:
 
 
 class StateModel:
-    """What one plan keeps in HBM, as shapes and logical axis names, ready to be divided over meshes."""
+    """What one plan keeps in HBM, as shapes and logical axis names, ready to be divided over meshes.
 
-    def __init__(self, cfg: M1Config, mode: str, *, context: int, param_dtype, dtype):
+    ``quantize``: int8 weights (``"int8"`` or a :class:`m1_jax.quant.QuantConfig`; inference modes only):
+    the parameters are then the quantized model's, int8 values and float32 scales, sharded as it shards them."""
+
+    def __init__(self, cfg: M1Config, mode: str, *, context: int, param_dtype, dtype, quantize=None):
+        quantize = resolve_quantize(quantize)
+        if quantize is not None and mode in OPTIMIZER_MODES:
+            raise ValueError(f"int8 weights are for inference: quantize does not apply to mode {mode!r}")
         self.cfg, self.mode, self.context, self.dtype = cfg, mode, context, dtype
-        params = nnx.state(abstract_model(cfg, param_dtype=param_dtype, dtype=dtype), nnx.Param)
+        params = nnx.state(abstract_model(cfg, param_dtype=param_dtype, dtype=dtype, quantize=quantize), nnx.Param)
         names = jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: isinstance(x, P))
         self.params = [(tuple(n) + (None,) * (v.ndim - len(n)), v.shape, v.dtype.itemsize)
                        for n, v in zip(names, jax.tree.leaves(params))]
@@ -160,7 +169,7 @@ def meshes_near(sizes: dict[str, int], n: int) -> list[dict[str, int]]:
 
 
 def nearest_fit(cfg: M1Config, topology: str, mesh_sizes: dict[str, int], mode: str, *, batch: int | None,
-                context: int, param_dtype, dtype, available: int, needed: int | None = None
+                context: int, param_dtype, dtype, available: int, needed: int | None = None, quantize=None
                 ) -> tuple[Fit | None, Fit]:
     """(the nearest other plan that fits ``available`` bytes per device by the estimate, or None; the
     estimate of the given plan).
@@ -168,8 +177,8 @@ def nearest_fit(cfg: M1Config, topology: str, mesh_sizes: dict[str, int], mode: 
     ``batch``: the global batch the user fixed (None: one row per data-parallel shard, as ``m1 aot``
     defaults it, so that it grows with the mesh). ``needed``: what the given plan really needs per
     device (from XLA); what it needs beyond its estimate (activations, temporaries) is counted for
-    every candidate too."""
-    state = StateModel(cfg, mode, context=context, param_dtype=param_dtype, dtype=dtype)
+    every candidate too. ``quantize``: the plan's int8 weights (:class:`StateModel`)."""
+    state = StateModel(cfg, mode, context=context, param_dtype=param_dtype, dtype=dtype, quantize=quantize)
 
     def estimate(topo: str, grid: np.ndarray, sizes: dict[str, int]) -> Fit:
         mesh = Mesh(grid.reshape(tuple(sizes[a] for a in sharding.MESH_AXES)), sharding.MESH_AXES)

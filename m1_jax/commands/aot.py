@@ -126,7 +126,7 @@ def misfit(args, cfg, mesh, param_dtype, needed: int, available: int, source: st
              f"({over / available:.0%}) too much")]
     fit, given = aot_fit.nearest_fit(cfg, args.topology, dict(mesh.shape), args.mode, batch=args.batch,
                                      context=args.context, param_dtype=param_dtype, dtype=DTYPES[args.dtype],
-                                     available=available, needed=needed)
+                                     available=available, needed=needed, quantize=quantize_option(args))
     lines.append(f"  this plan by the estimate: {given.describe()}")
     if fit is None:
         lines.append(f"  no larger {args.topology.partition(':')[0]} topology or other mesh fits by the estimate")

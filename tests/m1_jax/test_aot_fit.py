@@ -10,6 +10,7 @@ import pytest
 from m1_jax import aot_fit, cli, sharding
 from m1_jax.config import param_counts
 from m1_jax.presets import resolve_config
+from m1_jax.quant.layout import weight_bytes
 
 
 def test_hbm_shortfall_reads_both_xla_messages():
@@ -49,6 +50,26 @@ def test_estimate_divides_parameters_optimizer_and_cache_as_the_mesh_does():
     decode = state("decode")
     assert decode.per_device(mesh, 8)["cache"] == pytest.approx(2 * decode.per_device(mesh, 4)["cache"], rel=0.01)
     assert state("decode").parameter_floor(8) == total / 8 and state("train").parameter_floor(8) == total / 2
+
+
+def test_estimate_counts_int8_weights_as_stored():
+    """With quantize the parameters are the int8 model's (m1_jax.quant.layout: 1 byte per expert weight plus
+    float32 scales), on one device and divided over a mesh; quantize is refused for train."""
+    cfg = resolve_config("tiny")
+    state = lambda mode, q=None: aot_fit.StateModel(cfg, mode, context=64, param_dtype=jnp.bfloat16,
+                                                    dtype=jnp.bfloat16, quantize=q)
+    one = sharding.make_mesh("data=1", jax.devices()[:1])
+    full, int8 = state("decode").per_device(one, 1), state("decode", "int8").per_device(one, 1)
+    assert full["parameters"] == weight_bytes(cfg, "bfloat16")
+    assert int8["parameters"] == weight_bytes(cfg, "bfloat16", "int8") < full["parameters"]
+    assert int8["cache"] == full["cache"]
+    assert state("decode", "int8").parameter_floor(8) == weight_bytes(cfg, "bfloat16", "int8") / 8
+    mesh = sharding.make_mesh("tensor=2,fsdp=2,expert=2", jax.devices())
+    sharded = state("decode", "int8").per_device(mesh, 4)
+    assert weight_bytes(cfg, "bfloat16", "int8") / 8 <= sharded["parameters"] < state("decode").per_device(
+        mesh, 4)["parameters"]
+    with pytest.raises(ValueError, match="int8 weights are for inference: quantize does not apply to mode 'train'"):
+        state("train", "int8")
 
 
 def test_m1_aot_reports_a_plan_that_does_not_fit(tmp_path, monkeypatch, capsys):
