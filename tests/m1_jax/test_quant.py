@@ -2,6 +2,7 @@
 against one device, the golden model's accuracy, and `m1 convert --quantize int8` against quantizing on load."""
 
 import argparse
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 
 import m1_jax
-from m1_jax import sharding
+from m1_jax import aot, sharding
 from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.commands import runtime
 from m1_jax.convert.convert import convert
@@ -21,6 +22,8 @@ from m1_jax.model import abstract_model, init_model
 from m1_jax.quant.layout import stored_arrays, weight_bytes
 from m1_jax.quant.spec import QuantConfig, QuantizeError, dequantize, quantize
 from m1_jax.quant.weights import quantize_model
+from m1_jax.run_config import RunConfig
+from pallas_kernels.platform import tpu_target
 from tiny_models import tiny_config
 from test_convert import converted_arrays
 
@@ -77,6 +80,37 @@ def test_projection_through_qwix_equals_dequantize_then_matmul(contract):
     got = matmul(x, jnp.asarray(q), contract, jnp.float32, scale=jnp.asarray(s))
     want = matmul(x, jnp.asarray(dequantize(q, s, 0, contract)), contract, jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def _float_expert_weights(hlo: str, cfg, mesh) -> set[str]:
+    """Floating-point arrays of optimized HLO text shaped like one device's expert weights: trailing axes
+    [E / expert, D, I / tensor] or [E / expert, I / tensor, D], after any leading ones (stacked periods)."""
+    e, i = cfg.num_local_experts // mesh.shape["expert"], cfg.intermediate_size // mesh.shape["tensor"]
+    d = cfg.hidden_size
+    return set(re.findall(rf"\b(?:bf16|f16|f32)\[(?:\d+,)*{e},(?:{d},{i}|{i},{d})\]", hlo))
+
+
+@pytest.mark.parametrize("mesh_spec, batch", [("tensor=4", 1), ("expert=2,tensor=2", 2)])
+def test_tpu_decode_step_holds_no_float_copy_of_int8_experts(monkeypatch, mesh_spec, batch):
+    """The decode step as `m1 aot` compiles it for TPU (ragged_dot; expert-parallel with expert=2): with int8
+    experts no floating-point array of an expert weight's shape (a dequantized copy of one layer's weights, or
+    of all periods' hoisted out of the layer scan) is in the optimized program. With bf16 weights the same
+    pattern finds the weights' per-layer slices."""
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed for TPU AOT compilation")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    cfg = tiny_config(intermediate_size=96)  # the expert width differs from the hidden size: two distinct layouts
+    mesh = sharding.make_mesh(mesh_spec, aot.topology_devices("v5e:2x2"))
+
+    def optimized(quantize) -> str:
+        kw = {"param_dtype": jnp.bfloat16, "dtype": jnp.bfloat16, "quantize": quantize}
+        with tpu_target():
+            lowered, _ = aot.lower_step(cfg, mesh, "decode", batch=batch, seq_len=1, context=128, model_kw=kw,
+                                        run=RunConfig())
+            return lowered.compile().as_text()
+
+    assert _float_expert_weights(optimized(QuantConfig()), cfg, mesh) == set()
+    if mesh_spec == "tensor=4":
+        assert _float_expert_weights(optimized(None), cfg, mesh)
 
 
 @pytest.fixture(scope="module")
