@@ -18,6 +18,22 @@ def test_hbm_table_and_bad_topology():
         aot.topology_devices("v5p")
 
 
+def test_a_compiled_plan_fits_even_when_its_sum_is_over():
+    """XLA refuses a TPU program over the HBM, so a compiled report fits; the sum of arguments and temporaries
+    is an upper bound, and the report says by how much it is over when it is."""
+    gib = aot.GiB
+    report = lambda temp: aot.AotReport(
+        mode="decode", topology="v5p:2x2x4", mesh="tensor=16", devices=16, batch=1, seq_len=1, context=1 << 20,
+        param_dtype="bfloat16", compute_dtype="bfloat16", lightning_impl="auto", compile_s=1.0,
+        argument_bytes=68 * gib, output_bytes=0, temp_bytes=temp, alias_bytes=0, generated_code_bytes=0,
+        hbm_bytes=95 * gib, flops=None, model_flops=1.0)
+    over, under = report(30 * gib), report(20 * gib)
+    assert (over.fits, over.sum_fits, under.fits, under.sum_fits) == (True, False, True, True)
+    assert "98.00 GiB of 95.00 GiB HBM: fits: 3.00 GiB over as a sum, but within XLA's own HBM check" in over.table()
+    assert "88.00 GiB of 95.00 GiB HBM: fits\n" in under.table()
+    assert over.to_dict()["fits"] is True and over.to_dict()["sum_fits"] is False
+
+
 def test_m1_aot_forward_on_v5p(tmp_path, monkeypatch, capsys):
     pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed for TPU AOT compilation")
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu's lock
