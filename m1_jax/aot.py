@@ -114,6 +114,10 @@ class AotReport:
     note: str = ""
     head_dtype: str = ""  # the output head's matmul dtype ("": the compute dtype)
     quantize: str = ""  # int8 weights (m1_jax.quant): "int8 experts", "int8 experts + attention"; "": none
+    # XLA's cost analysis, per device, loop bodies counted once like ``flops``: HBM bytes accessed and its
+    # estimate of the program's time on the chip ("optimal_seconds"); None where XLA does not give them
+    bytes_accessed: float | None = None
+    xla_seconds: float | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -170,6 +174,11 @@ class AotReport:
             f"XLA cost        {self.flops:.4g} FLOPs per device (loop bodies, e.g. the layer scan, counted once)"
             if self.flops else "XLA cost        not reported",
         ]
+        if self.bytes_accessed is not None or self.xla_seconds is not None:
+            lines.append("XLA estimate    " + ", ".join(
+                ([f"{self.bytes_accessed / GiB:.4g} GiB accessed"] if self.bytes_accessed is not None else [])
+                + ([f"{self.xla_seconds * 1e3:.4g} ms"] if self.xla_seconds is not None else []))
+                + " per device (the same loop bodies once; not a measured time)")
         if self.note:
             lines.append(f"note            {self.note}")
         return "\n".join(lines)
@@ -348,6 +357,9 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
         temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
         generated_code_bytes=int(mem.generated_code_size_in_bytes),
         hbm_bytes=None if hbm is None else hbm * GiB, flops=float(cost["flops"]) if "flops" in cost else None,
+        bytes_accessed=float(cost["bytes accessed"]) if "bytes accessed" in cost else None,
+        # negative where XLA cannot estimate a part (e.g. a Pallas kernel): then no estimate
+        xla_seconds=float(cost["optimal_seconds"]) if cost.get("optimal_seconds", -1) > 0 else None,
         # the RL update runs the train step's passes (forward + backward over every token)
         model_flops=step_flops(cfg, {"rl": "train", "serve": "decode"}.get(mode, mode), batch=batch, seq_len=seq_len,
                                context=context),

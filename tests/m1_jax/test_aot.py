@@ -50,6 +50,8 @@ def test_m1_aot_forward_on_v5p(tmp_path, monkeypatch, capsys):
     assert report["devices"] == 4 and report["mesh"] == "data=1,fsdp=2,expert=2,tensor=1"
     assert report["batch"] == 4  # default: one row per data-parallel shard
     assert report["argument_bytes"] > 0 and report["temp_bytes"] > 0 and report["fits"] is True
+    # XLA's estimate for the TPU: bytes, and a time unless a part (the Pallas kernels here) has none
+    assert report["bytes_accessed"] > 0 and (report["xla_seconds"] is None or report["xla_seconds"] > 0)
     assert report["total_bytes"] >= report["argument_bytes"] + report["temp_bytes"]
     # the tiny model is one period (no layer loop), so XLA's count covers at least the weight matmuls
     cfg = resolve_config("tiny")
