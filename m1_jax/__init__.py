@@ -4,7 +4,7 @@ The public names below are imported on first use, so importing a light submodule
 checkpoint readers) or starting the ``m1`` command line does not load JAX until it is needed.
 """
 
-import importlib
+from m1_jax.lazy import lazy_attributes
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -20,13 +20,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'm1_jax' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS, globals())
 
 
 def __dir__():

@@ -6,7 +6,7 @@ live with the layers: :func:`m1_jax.layers.common.matmul` (attention projections
 The names below are imported on first use, so the converter can use :mod:`.spec` without loading JAX.
 """
 
-import importlib
+from m1_jax.lazy import lazy_attributes
 
 _EXPORTS = {
     "QuantConfig": "m1_jax.quant.spec", "QuantizeError": "m1_jax.quant.spec",
@@ -14,10 +14,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'm1_jax.quant' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS, globals())
