@@ -204,9 +204,12 @@ def lower_step(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, cont
     ``prefill`` the model's own forward (:meth:`M1Model.forward`)."""
     if mode == "train":
         tx, opts, schedule = train.step_setup(cfg, run)
-        graphdef, state, state_sh = abstract_train_state(cfg, mesh, tx, model_kw)
+        graphdef, state, state_sh = abstract_train_state(cfg, mesh, tx, model_kw, run)
         step = train.jit_train_step(graphdef, state_sh, mesh, opts, schedule)
-        return step.lower(state, train_batch(mesh, batch, seq_len)), ""
+        lora = train.lora_config(run)
+        note = "" if lora is None else (f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, targets "
+                                        f"{','.join(lora.targets)}" + (", int8 experts" * (run.lora.base == "int8")))
+        return step.lower(state, train_batch(mesh, batch, seq_len)), note
     if mode == "rl":
         update = update or UpdateOptions()
         # build_policy_state's optimizer: the report's AdamW over one update's schedule (the schedule is a
@@ -268,12 +271,17 @@ def serve_step(cfg: M1Config, mesh, graphdef, params, *, slots: int, context: in
                      "the prefix cache's budget")
 
 
-def abstract_train_state(cfg: M1Config, mesh, tx, model_kw: dict):
+def abstract_train_state(cfg: M1Config, mesh, tx, model_kw: dict, run: RunConfig | None = None):
     """(graphdef, abstract state, state shardings) of the ``(model, optimizer)`` train state
     (:func:`m1_jax.train.model_and_optimizer`) with optimizer ``tx``, as shapes only: what the train and RL
-    update steps take."""
-    state_graph = nnx.eval_shape(lambda: train.model_and_optimizer(M1Model(cfg, rngs=nnx.Rngs(0), **model_kw),
-                                                                   tx, mesh))
+    update steps take. ``run``: its LoRA adapters (and int8 base) as :func:`m1_jax.train.build_train_state`
+    adds them."""
+
+    def build():
+        model = M1Model(cfg, rngs=nnx.Rngs(0), **model_kw)
+        return train.model_and_optimizer(model if run is None else train.with_lora(model, run), tx, mesh)
+
+    state_graph = nnx.eval_shape(build)
     graphdef, state = nnx.split(state_graph)
     state_sh = sharding.state_shardings(state, mesh)
     return graphdef, _sds(state, state_sh), state_sh
@@ -365,4 +373,6 @@ def plan(cfg: M1Config, topology: str, mesh_spec: str, mode: str, *, batch: int 
                                context=context),
         note=note if remat == "none" else f"remat {remat}; {note}".rstrip("; "),
         head_dtype=jnp.dtype(model_kw.get("head_dtype") or dtype).name,
-        quantize="" if quantize is None else "int8 experts" + (" + attention" if quantize.attention else ""))
+        quantize=("int8 experts" + (" + attention" if quantize.attention else "") if quantize is not None
+                  else "int8 experts" if mode == "train" and train.lora_config(run) and run.lora.base == "int8"
+                  else ""))

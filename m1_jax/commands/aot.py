@@ -7,6 +7,7 @@ import json
 
 import jax.numpy as jnp
 
+from m1_jax.lora.options import add_lora_argument, lora_overrides
 from m1_jax.quant.options import add_quantize_arguments, quantize_option
 from m1_jax.rl.objectives import OBJECTIVES
 
@@ -47,6 +48,7 @@ def add_arguments(p):
                    help="train / rl: rematerialise each layer period in the backward pass (jax.checkpoint policy)")
     add_quantize_arguments(p, "inference modes: the experts' weights in int8 with per-output-channel scales "
                               "(docs/quantization.md)")
+    add_lora_argument(p, "train: plan a LoRA fine-tune, as m1 train --lora runs it")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     p.epilog = ("Exit status 1 when the plan does not fit the chips' HBM; the report then names the nearest "
                 "topology / mesh that would fit by an estimate.")
@@ -58,7 +60,7 @@ def run(args) -> int:
     from m1_jax import aot, sharding
     from m1_jax.presets import resolve_config
     from m1_jax.rl.update import UpdateOptions
-    from m1_jax.run_config import RunConfig
+    from m1_jax.run_config import RunConfig, parse_override
 
     if args.mode != "rl" and (args.objective is not None or args.kl):
         raise ValueError(f"--objective and --kl apply to --mode rl, not --mode {args.mode}")
@@ -75,9 +77,14 @@ def run(args) -> int:
         raise ValueError(f"--micro-batches {args.micro_batches}: each micro-batch's rows are split over "
                          f"data*fsdp*expert={shards} shards, so --batch must be a multiple of "
                          f"{shards * args.micro_batches}, got {batch}")
+    if args.lora and args.mode != "train":
+        raise ValueError(f"--lora applies to --mode train, not --mode {args.mode}")
     run_config = RunConfig()
     run_config.data.micro_batches = args.micro_batches
     run_config.model.head_dtype = args.head_dtype
+    for text in lora_overrides(args):
+        run_config.set(*parse_override(text), source=f"--lora {args.lora}")
+    run_config.validate()
     update = UpdateOptions(objective=args.objective or "cispo", micro_batches=args.micro_batches,
                            objective_options={"kl_coef": args.kl} if args.kl else {})
     param_dtype = DTYPES[args.param_dtype or ("float32" if args.mode in ("train", "rl") else "bfloat16")]

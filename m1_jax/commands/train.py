@@ -9,6 +9,8 @@ import logging
 import os
 import time
 
+from m1_jax.lora.options import add_lora_argument, lora_overrides
+
 log = logging.getLogger(__name__)
 
 
@@ -24,11 +26,7 @@ def add_arguments(p):
                    help="start from pretrained weights: an HF checkpoint directory or an `m1 convert` output")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,expert=2,tensor=1 "
                                                 "(overrides train.mesh)")
-    p.add_argument("--lora", default=None, metavar="rank=R,alpha=A,targets=T[,T...][,base=int8]",
-                   help="LoRA fine-tuning: adapters of rank R scaled by A/R on the targets (attention, experts, all, "
-                        "or weight names: qkv_proj output_gate out_proj q_proj k_proj v_proj o_proj w1 w3 w2); the "
-                        "base weights frozen (base=int8: with int8 experts, QLoRA); optimizer state only for the "
-                        "adapters (sets the run config's lora section; docs/lora.md)")
+    add_lora_argument(p, "LoRA fine-tuning (sets the run config's lora section)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any run-config field, e.g. --set optimizer.lr=1e-3 (repeatable)")
     p.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
@@ -64,10 +62,7 @@ def run(args) -> int:
     from m1_jax import distributed
     from m1_jax.run_config import load_run_config
 
-    from m1_jax.lora.spec import parse_flag
-
-    overrides = [f"lora.{k}={v}" for k, v in parse_flag(args.lora).items()] if args.lora else []
-    overrides += list(args.overrides)
+    overrides = lora_overrides(args) + list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     if args.mesh is not None:

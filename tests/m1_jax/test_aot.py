@@ -109,6 +109,13 @@ def test_aot_train_lowers_the_train_step_that_m1_train_runs():
     other = load_run_config(None, ["data.micro_batches=1", "optimizer.z_loss=1e-4", "model.remat=full"])
     assert aot.lower_step(cfg, mesh, "train", batch=16, seq_len=32, context=0, model_kw=train.model_options(other),
                           run=other)[0].as_text() != ran  # the comparison sees a different step
+    # `m1 aot --lora`: the QLoRA step of `m1 train --lora` (int8 experts frozen, optimizer state for the adapters)
+    qlora = load_run_config(None, ["lora.rank=2", "lora.alpha=4", "lora.targets=all", "lora.base=int8"])
+    ts = train.build_train_state(cfg, qlora, mesh)
+    planned, note = aot.lower_step(cfg, mesh, "train", batch=16, seq_len=32, context=0,
+                                   model_kw=train.model_options(qlora), run=qlora)
+    assert planned.as_text() == ts._step.lower(ts.abstract_state(), batch).as_text()
+    assert note.startswith("LoRA rank 2, alpha 4, targets qkv_proj,") and note.endswith(", int8 experts")
 
 
 def one_lightning_layer():
@@ -125,6 +132,8 @@ def test_m1_aot_rl_update_on_v5p(tmp_path, monkeypatch, capsys):
     base = ["aot", "--config", "tiny", "--topology", "v5p:2x2x1", "--mesh", "fsdp=2,expert=2"]
     assert cli.main(base + ["--mode", "train", "--objective", "grpo"]) == 2
     assert "--objective and --kl apply to --mode rl, not --mode train" in capsys.readouterr().err
+    assert cli.main(base + ["--mode", "rl", "--lora", "rank=2"]) == 2
+    assert "--lora applies to --mode train, not --mode rl" in capsys.readouterr().err
     assert cli.main(base + ["--mode", "rl", "--micro-batches", "2", "--batch", "4"]) == 2
     assert "--batch must be a multiple of 8, got 4" in capsys.readouterr().err
     cfg = one_lightning_layer()

@@ -2,6 +2,7 @@
 and tensor shards) equal to one device, exact resume, QLoRA on int8 experts, `m1 export --merge-lora`
 (base + A B alpha / rank) and the PEFT adapter loaded by `peft` onto the exported transformers model."""
 
+import argparse
 import contextlib
 import shutil
 
@@ -20,12 +21,13 @@ from m1_jax.checkpoint_io.errors import CheckpointError
 from m1_jax.convert.export import export
 from m1_jax.layers.experts import experts_dense, experts_grouped
 from m1_jax.lora import LoraConfig, LoraError, LoraParam, add_adapters, merge_adapters
+from m1_jax.lora.options import lora_overrides
 from m1_jax.lora.spec import parse_flag
 from m1_jax.model import init_model
 from m1_jax.presets import resolve_config
 from m1_jax.quant.spec import SCALE_SUFFIX, dequantize
 from m1_jax.quant.spec import quantize as quantize_weight
-from m1_jax.run_config import RunConfig
+from m1_jax.run_config import RunConfig, load_run_config
 from m1_jax.train_loop import fit
 
 IDS = np.array([[5, 17, 99, 3, 250, 42, 7, 300, 11, 64, 128, 2]], np.int32)
@@ -48,6 +50,10 @@ def test_flag_and_config_errors():
         parse_flag("alpha=8")
     with pytest.raises(LoraError, match="base must be one of"):
         parse_flag("rank=2,base=int4")
+    # `--lora` of m1 train and m1 aot as run-config overrides
+    run = load_run_config(None, lora_overrides(argparse.Namespace(lora="rank=4,alpha=8,targets=experts,base=int8")))
+    assert (run.lora.rank, run.lora.alpha, run.lora.targets, run.lora.base) == (4, 8.0, "experts", "int8")
+    assert lora_overrides(argparse.Namespace(lora=None)) == []
 
 
 @pytest.mark.parametrize("quantize", [False, True])
