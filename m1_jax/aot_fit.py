@@ -4,7 +4,7 @@ XLA's TPU compiler refuses a program that needs more HBM than a chip has (``RESO
 its message holds both numbers (:func:`hbm_shortfall`). To point at a plan that fits,
 :func:`nearest_fit` estimates what each device holds (:class:`StateModel`): the parameters, for
 ``train`` and ``rl`` (the RL update holds the train step's state) also their gradients and AdamW's two
-moments, for ``decode`` / ``prefill`` the inference cache, each divided over the mesh as the sharding
+moments (of a LoRA run's adapters only: its base is frozen, its experts int8 with ``base=int8``), for ``decode`` / ``prefill`` the inference cache, each divided over the mesh as the sharding
 rules (:mod:`m1_jax.sharding`) divide it, plus the largest weight that ``fsdp`` gathers whole (one
 layer's slice of the stacked weights); with int8 weights (``quantize``, :mod:`m1_jax.quant`) the
 parameters are the quantized model's, the int8 values (1 byte each) and their float32 scales. What the
@@ -31,10 +31,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from m1_jax import aot, sharding
+from m1_jax import aot, sharding, train
 from m1_jax.cache import cache_shapes, cache_shardings, round_max_len
 from m1_jax.config import M1Config
-from m1_jax.model import abstract_model
+from m1_jax.model import M1Model, abstract_model
 from m1_jax.quant.spec import resolve as resolve_quantize
 
 GiB = aot.GiB
@@ -92,37 +92,47 @@ class StateModel:
     ``quantize``: int8 weights (``"int8"`` or a :class:`m1_jax.quant.QuantConfig`; inference modes only):
     the parameters are then the quantized model's, int8 values and float32 scales, sharded as it shards them."""
 
-    def __init__(self, cfg: M1Config, mode: str, *, context: int, param_dtype, dtype, quantize=None):
+    def __init__(self, cfg: M1Config, mode: str, *, context: int, param_dtype, dtype, quantize=None, run=None):
         quantize = resolve_quantize(quantize)
         if quantize is not None and mode in OPTIMIZER_MODES:
             raise ValueError(f"int8 weights are for inference: quantize does not apply to mode {mode!r}")
         self.cfg, self.mode, self.context, self.dtype = cfg, mode, context, dtype
-        params = nnx.state(abstract_model(cfg, param_dtype=param_dtype, dtype=dtype, quantize=quantize), nnx.Param)
+        if mode == "train" and run is not None and train.lora_config(run) is not None:
+            # a LoRA run (``run``'s lora section): the adapters (and the int8 base) as m1 train adds them
+            model = nnx.eval_shape(lambda: train.with_lora(
+                M1Model(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype), run))
+        else:
+            model = abstract_model(cfg, param_dtype=param_dtype, dtype=dtype, quantize=quantize)
+        params = nnx.state(model, nnx.Param)
         names = jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: isinstance(x, P))
-        self.params = [(tuple(n) + (None,) * (v.ndim - len(n)), v.shape, v.dtype.itemsize)
-                       for n, v in zip(names, jax.tree.leaves(params))]
+        paths = [p for p, _ in nnx.to_flat_state(params)]  # the order of the leaves
+        trained = {p for p, _ in nnx.to_flat_state(nnx.state(model, train.trainable(model)))}
+        # (logical axis names, shape, bytes per element, whether the optimizer trains it)
+        self.params = [(tuple(n) + (None,) * (v.ndim - len(n)), v.shape, v.dtype.itemsize,
+                        mode in OPTIMIZER_MODES and p in trained)
+                       for n, v, p in zip(names, jax.tree.leaves(params), paths, strict=True)]
 
     def parameter_floor(self, devices: int) -> float:
-        """Bytes per device of the parameters (and for train and rl their gradients and moments) were they
-        divided evenly over ``devices``: no mesh of that many devices holds less."""
-        params = sum(math.prod(s) * i for _, s, i in self.params)
-        return params * (4 if self.mode in OPTIMIZER_MODES else 1) / devices
+        """Bytes per device of the parameters (and for train and rl the gradients and moments of those the
+        optimizer trains) were they divided evenly over ``devices``: no mesh of that many devices holds less."""
+        return sum(math.prod(s) * i * (4 if t else 1) for _, s, i, t in self.params) / devices
 
     def per_device(self, mesh: Mesh, batch: int) -> dict[str, int]:
         """Bytes per device by part; raises :class:`m1_jax.sharding.MeshError` when ``mesh`` cannot
         shard a parameter or the cache."""
-        params = gathered = 0
-        for names, shape, size in self.params:
+        params = gathered = trained = 0
+        for names, shape, size, is_trained in self.params:
             spec = sharding.logical_to_spec(names, mesh, shape, "parameter")
             shard = math.prod(NamedSharding(mesh, spec).shard_shape(shape)) * size
             params += shard
+            trained += shard if is_trained else 0
             if any(a == "fsdp" or (isinstance(a, tuple) and "fsdp" in a) for a in spec):
                 per_layer = shard // shape[0] if names[0] == "layers" else shard  # the layer scan gathers one
                 gathered = max(gathered, per_layer * mesh.shape["fsdp"])
         parts = {"parameters": params, GATHERED: gathered}
         if self.mode in OPTIMIZER_MODES:
-            parts["gradients"] = params
-            parts["AdamW moments"] = 2 * params
+            parts["gradients"] = trained
+            parts["AdamW moments"] = 2 * trained
         if self.mode in ("decode", "prefill"):
             parts["cache"] = self._cache(batch, mesh)
         return parts
@@ -169,16 +179,18 @@ def meshes_near(sizes: dict[str, int], n: int) -> list[dict[str, int]]:
 
 
 def nearest_fit(cfg: M1Config, topology: str, mesh_sizes: dict[str, int], mode: str, *, batch: int | None,
-                context: int, param_dtype, dtype, available: int, needed: int | None = None, quantize=None
-                ) -> tuple[Fit | None, Fit]:
+                context: int, param_dtype, dtype, available: int, needed: int | None = None, quantize=None,
+                run=None) -> tuple[Fit | None, Fit]:
     """(the nearest other plan that fits ``available`` bytes per device by the estimate, or None; the
     estimate of the given plan).
 
     ``batch``: the global batch the user fixed (None: one row per data-parallel shard, as ``m1 aot``
     defaults it, so that it grows with the mesh). ``needed``: what the given plan really needs per
     device (from XLA); what it needs beyond its estimate (activations, temporaries) is counted for
-    every candidate too. ``quantize``: the plan's int8 weights (:class:`StateModel`)."""
-    state = StateModel(cfg, mode, context=context, param_dtype=param_dtype, dtype=dtype, quantize=quantize)
+    every candidate too. ``quantize``: the plan's int8 weights; ``run``: a train plan's run config, whose
+    LoRA adapters are then all the optimizer trains (:class:`StateModel`)."""
+    state = StateModel(cfg, mode, context=context, param_dtype=param_dtype, dtype=dtype, quantize=quantize,
+                       run=run)
 
     def estimate(topo: str, grid: np.ndarray, sizes: dict[str, int]) -> Fit:
         mesh = Mesh(grid.reshape(tuple(sizes[a] for a in sharding.MESH_AXES)), sharding.MESH_AXES)

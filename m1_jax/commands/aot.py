@@ -103,7 +103,7 @@ def run(args) -> int:
                 raise ValueError(f"XLA cannot compile the plan: {str(e).strip().splitlines()[0]}") from None
             raise
         needed, available = shortfall
-        print(misfit(args, cfg, mesh, param_dtype, needed, available))
+        print(misfit(args, cfg, mesh, param_dtype, needed, available, run_config))
         write_json(args.json, {"fits": False, "total_bytes": needed, "hbm_bytes": available})
         return 1
     print(report.table())  # compiled: within XLA's HBM check (m1_jax.aot.AotReport.fits)
@@ -118,7 +118,7 @@ def write_json(path: str | None, data: dict) -> None:
             f.write("\n")
 
 
-def misfit(args, cfg, mesh, param_dtype, needed: int, available: int) -> str:
+def misfit(args, cfg, mesh, param_dtype, needed: int, available: int, run_config) -> str:
     """What a plan that does not fit needs, by how much it is over, and the nearest plan that would fit
     by an estimate (:func:`m1_jax.aot_fit.nearest_fit`)."""
     from m1_jax import aot_fit, sharding
@@ -130,7 +130,8 @@ def misfit(args, cfg, mesh, param_dtype, needed: int, available: int) -> str:
              f"({over / available:.0%}) too much")]
     fit, given = aot_fit.nearest_fit(cfg, args.topology, dict(mesh.shape), args.mode, batch=args.batch,
                                      context=args.context, param_dtype=param_dtype, dtype=DTYPES[args.dtype],
-                                     available=available, needed=needed, quantize=quantize_option(args))
+                                     available=available, needed=needed, quantize=quantize_option(args),
+                                     run=run_config)
     lines.append(f"  this plan by the estimate: {given.describe()}")
     if fit is None:
         lines.append(f"  no larger {args.topology.partition(':')[0]} topology or other mesh fits by the estimate")

@@ -6,11 +6,16 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from m1_jax import aot_fit, cli, sharding
 from m1_jax.config import param_counts
+from m1_jax.lora import LoraParam
+from m1_jax.model import init_model
 from m1_jax.presets import resolve_config
 from m1_jax.quant.layout import weight_bytes
+from m1_jax.run_config import load_run_config
+from m1_jax.train import with_lora
 
 
 def test_hbm_shortfall_reads_both_xla_messages():
@@ -70,6 +75,22 @@ def test_estimate_counts_int8_weights_as_stored():
         mesh, 4)["parameters"]
     with pytest.raises(ValueError, match="int8 weights are for inference: quantize does not apply to mode 'train'"):
         state("train", "int8")
+
+
+def test_estimate_of_a_qlora_run_trains_only_the_adapters():
+    """A LoRA train plan (``run``'s lora section): gradients and moments only for the adapters; with base=int8
+    the experts are stored in int8; the parameters as m1 train's QLoRA model holds them."""
+    cfg = resolve_config("tiny")
+    run = load_run_config(None, ["lora.rank=2", "lora.alpha=4", "lora.targets=all", "lora.base=int8"])
+    state = aot_fit.StateModel(cfg, "train", context=0, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, run=run)
+    model = with_lora(init_model(cfg, param_dtype=jnp.bfloat16), run)
+    nbytes = lambda filt: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, filt)))
+    one = sharding.make_mesh("data=1", jax.devices()[:1])
+    got = state.per_device(one, 1)
+    assert got["parameters"] == nbytes(nnx.Param)
+    assert got["gradients"] == nbytes(LoraParam) and got["AdamW moments"] == 2 * nbytes(LoraParam)
+    assert 0 < got["gradients"] < got["parameters"] / 4
+    assert state.parameter_floor(8) == (nbytes(nnx.Param) + 3 * nbytes(LoraParam)) / 8
 
 
 def test_m1_aot_reports_a_plan_that_does_not_fit(tmp_path, monkeypatch, capsys):
