@@ -207,8 +207,8 @@ def lower_step(cfg: M1Config, mesh, mode: str, *, batch: int, seq_len: int, cont
         graphdef, state, state_sh = abstract_train_state(cfg, mesh, tx, model_kw, run)
         step = train.jit_train_step(graphdef, state_sh, mesh, opts, schedule)
         lora = train.lora_config(run)
-        note = "" if lora is None else (f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, targets "
-                                        f"{','.join(lora.targets)}" + (", int8 experts" * (run.lora.base == "int8")))
+        # (an int8 base shows in the report's dtypes line)
+        note = "" if lora is None else f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, targets {','.join(lora.targets)}"
         return step.lower(state, train_batch(mesh, batch, seq_len)), note
     if mode == "rl":
         update = update or UpdateOptions()

@@ -156,10 +156,12 @@ def bench(args, name: str, root: str, sft: str, held: HeldOut, before: dict) -> 
 
 
 def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    """``n`` bytes in the largest binary unit (up to GiB) that keeps it at least 1."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def table(rows: list[dict]) -> str:
